@@ -1,0 +1,296 @@
+"""Batched CIFAR-10 augmentation on uint8 tensors, on whatever device the batch lives (CPU or CUDA).
+
+Reproduces torchvision's RandomCrop(padding=4) + RandomHorizontalFlip and RandAugment (tensor backend,
+NEAREST interpolation, zero fill) pixel for pixel (the tests compare against torchvision op by op), but every
+image draws its own random parameters and the batch is handled by a few vectorised ops: no PIL and no Python
+loop over samples, so that augmentation does not starve training on a few CPU cores.
+
+All randomness comes from the `generator` argument (None: torch's global RNG for the batch's device),
+drawn with a few batched calls, so a seeded generator reproduces a batch exactly.
+"""
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+# RandAugment's ops in torchvision's order; an op's position is its id. The geometric ops are ids 1..5 and the
+# signed ones 1..9, which lets a batch sorted by op id treat each group as one contiguous chunk.
+OP_NAMES = (
+    "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
+    "Brightness", "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
+)  # fmt: skip
+_GEOMETRIC = range(1, 6)
+_BLEND_OPS = range(6, 10)  # Brightness, Color, Contrast, Sharpness: blends with factor 1 + signed magnitude
+
+
+def _check_batch(x: torch.Tensor) -> None:
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected a uint8 batch of shape (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, padding: int = 4) -> torch.Tensor:
+    """Per sample: RandomCrop((H, W), padding, zero fill) then RandomHorizontalFlip(p=0.5); uint8 in and out."""
+    _check_batch(x)
+    b, c, h, w = x.shape
+    dev = x.device
+    # Top-left corner of each crop window in the padded image, as torchvision's RandomCrop draws it.
+    corner = torch.randint(2 * padding + 1, (2, b, 1, 1), generator=generator, device=dev)
+    flip = torch.randint(2, (b,), generator=generator, device=dev)
+    padded = F.pad(x.contiguous(), (padding,) * 4)  # contiguous: the row arithmetic below assumes NCHW layout
+    ph, pw = h + 2 * padding, w + 2 * padding
+    # Each output row is a run of w consecutive bytes of the padded batch, so one index_select of rows from the view
+    # of all length-w windows does every crop: far cheaper than a per-pixel gather, whose index alone is 8x the batch.
+    rows = torch.arange(b * c, device=dev).view(b, c, 1) * ph + corner[0] + torch.arange(h, device=dev)
+    windows = padded.view(-1).unfold(0, w, 1)
+    crops = windows.index_select(0, (rows * pw + corner[1]).view(-1)).view(b, c, h, w)
+    # Pick each sample's crop or its mirror; torch.where and index_copy_ are several times slower on CPU.
+    return torch.cat([crops, crops.flip(-1)]).index_select(0, torch.arange(b, device=dev) + b * flip)
+
+
+@lru_cache(maxsize=None)
+def _magnitudes(magnitude: int, num_bins: int, height: int, width: int) -> tuple[float, ...]:
+    """Each op's unsigned magnitude, built like RandAugment._augmentation_space (float32 tables, then float()),
+    so that the rounding of e.g. 0.27 or 4.35 is the same as torchvision's."""
+    tables = (
+        torch.tensor(0.0),
+        torch.linspace(0.0, 0.3, num_bins),
+        torch.linspace(0.0, 0.3, num_bins),
+        torch.linspace(0.0, 150.0 / 331.0 * width, num_bins),
+        torch.linspace(0.0, 150.0 / 331.0 * height, num_bins),
+        torch.linspace(0.0, 30.0, num_bins),
+        torch.linspace(0.0, 0.9, num_bins),
+        torch.linspace(0.0, 0.9, num_bins),
+        torch.linspace(0.0, 0.9, num_bins),
+        torch.linspace(0.0, 0.9, num_bins),
+        8 - (torch.arange(num_bins) / ((num_bins - 1) / 4)).round().int(),
+        torch.linspace(255.0, 0.0, num_bins),
+        torch.tensor(0.0),
+        torch.tensor(0.0),
+    )
+    return tuple(float(t[magnitude].item()) if t.ndim > 0 else 0.0 for t in tables)
+
+
+def _geometric_op(img: torch.Tensor, name: str, magnitude: float) -> torch.Tensor:
+    """One geometric op, called with exactly the arguments torchvision's autoaugment._apply_op uses."""
+    nearest = InterpolationMode.NEAREST
+    if name == "ShearX":
+        shear = [math.degrees(math.atan(magnitude)), 0.0]
+        return TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=nearest, fill=None, center=[0, 0])
+    if name == "ShearY":
+        shear = [0.0, math.degrees(math.atan(magnitude))]
+        return TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=nearest, fill=None, center=[0, 0])
+    if name == "TranslateX":
+        return TF.affine(img, angle=0.0, translate=[int(magnitude), 0], scale=1.0, shear=[0.0, 0.0], interpolation=nearest, fill=None)
+    if name == "TranslateY":
+        return TF.affine(img, angle=0.0, translate=[0, int(magnitude)], scale=1.0, shear=[0.0, 0.0], interpolation=nearest, fill=None)
+    if name == "Rotate":
+        return TF.rotate(img, magnitude, interpolation=nearest, fill=None)
+    raise ValueError(f"{name} is not a geometric op")
+
+
+@lru_cache(maxsize=None)
+def _geometric_maps(height: int, width: int, device: torch.device, magnitude: int, num_bins: int) -> torch.Tensor:
+    """long (5 geometric ops x 2 signs [+, -], H*W): for each output pixel, 1 + the flat index of its source pixel,
+    or 0 where the source lies outside the image (zero fill).
+
+    The magnitudes are fixed, so each op and sign is one fixed nearest-neighbour map. Running torchvision itself
+    on an image whose pixels hold 1 + their flat index (0 is what its zero padding reads) yields that map with
+    torchvision's exact grid and rounding, on this device.
+    """
+    mags = _magnitudes(magnitude, num_bins, height, width)
+    ids = torch.arange(1, height * width + 1, dtype=torch.float32, device=device).view(1, 1, height, width)
+    maps = [_geometric_op(ids, OP_NAMES[op], sign * mags[op]) for op in _GEOMETRIC for sign in (1.0, -1.0)]
+    return torch.cat(maps).long().view(2 * len(_GEOMETRIC), height * width)
+
+
+def _remap(img: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour resampling of each image by its own map (in _geometric_maps' format, one row per image)."""
+    n, c, h, w = img.shape
+    padded = F.pad(img.reshape(n, c, h * w), (1, 0))  # a zero pixel at index 0 serves the out-of-bounds entries
+    return padded.gather(2, maps.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
+
+
+@lru_cache(maxsize=None)
+def _blend_factors(mags: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """float32 (4 blend ops, 2 signs [+, -], 2): torchvision's blend ratio 1.0 + m and its complement 1.0 - ratio,
+    formed in float64 as there and only then rounded to float32, so that the blends round identically."""
+    factors = []
+    for op in _BLEND_OPS:
+        ratios = (1.0 + mags[op], 1.0 + -mags[op])
+        factors.append([[r, 1.0 - r] for r in ratios])
+    return torch.tensor(factors, dtype=torch.float32, device=device)
+
+
+def _to_uint8(f: torch.Tensor) -> torch.Tensor:
+    # torchvision clamps and casts with .to(uint8), truncating. Going through int32 truncates the same way and is
+    # 2-3x faster on CPU, where the direct float -> uint8 cast is not vectorised.
+    return f.clamp_(0, 255).to(torch.int32).to(torch.uint8)
+
+
+def _blend(img: torch.Tensor, other: torch.Tensor | None, ratio: torch.Tensor, complement: torch.Tensor) -> torch.Tensor:
+    # torchvision's _blend term by term, so that float32 rounding agrees. other=None stands for its all-zero image
+    # (Brightness), whose term is +-0 and changes nothing.
+    out = ratio * img
+    if other is not None:
+        out += complement * other
+    return _to_uint8(out)
+
+
+def _grayscale(img: torch.Tensor) -> torch.Tensor:
+    # torchvision's rgb_to_grayscale truncates to uint8, which Color and Contrast then blend with; trunc() gives
+    # those integers without leaving float.
+    r, g, b = img.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).trunc_().unsqueeze(1)
+
+
+def _sharpness(img: torch.Tensor, ratio: torch.Tensor, complement: torch.Tensor) -> torch.Tensor:
+    if img.shape[-1] <= 2 or img.shape[-2] <= 2:
+        return img
+    f = img.float()
+    # torchvision rounds a conv with the kernel [[1,1,1],[1,5,1],[1,1,1]]/13. Summing with the integer kernel is
+    # exact and S/13 is never a tie (13 is odd) nor near one, so rounding S/13 gives the same integers.
+    # Separable slice sums: several times faster than avg_pool2d/conv2d on CPU for these tiny images.
+    rows = f[:, :, :-2] + f[:, :, 1:-1]
+    rows += f[:, :, 2:]
+    s = rows[..., :-2] + rows[..., 1:-1]
+    s += rows[..., 2:]
+    s.add_(f[:, :, 1:-1, 1:-1], alpha=4).div_(13).round_()
+    blurred = f.clone()  # the one-pixel border is left unblurred, as in torchvision
+    blurred[:, :, 1:-1, 1:-1] = s
+    return _blend(img, blurred, ratio, complement)
+
+
+def _autocontrast(img: torch.Tensor) -> torch.Tensor:
+    lo = img.amin(dim=(2, 3), keepdim=True).float()
+    hi = img.amax(dim=(2, 3), keepdim=True).float()
+    scale = 255.0 / (hi - lo)
+    flat = hi == lo  # constant channel: torchvision's infinite scale falls back to the identity
+    lo = lo.masked_fill(flat, 0.0)
+    scale = scale.masked_fill(flat, 1.0)
+    return _to_uint8((img - lo).mul_(scale))
+
+
+def _equalize(img: torch.Tensor) -> torch.Tensor:
+    """torchvision's per-channel _scale_channel, for all images and channels at once."""
+    n, c, h, w = img.shape
+    pixels = img.reshape(n * c, h * w).long()
+    hist = torch.zeros(n * c, 256, dtype=torch.long, device=img.device)
+    hist.scatter_add_(1, pixels, torch.ones_like(pixels))
+    # torchvision's step sums every non-empty bin but the last, i.e. all pixels but those of the brightest value.
+    brightest = hist.gather(1, img.reshape(n * c, h * w).amax(dim=1, keepdim=True).long())
+    step = (h * w - brightest) // 255
+    # lut[v] = (number of pixels below v + step // 2) // step: torchvision's cumsum shifted right by one bin.
+    below = hist.cumsum(1) - hist
+    lut = ((below + step // 2) // step.clamp(min=1)).clamp_(max=255).to(torch.uint8)
+    # step == 0 (fewer than 255 pixels off the brightest value) leaves the channel unchanged in torchvision.
+    identity = torch.arange(256, device=img.device, dtype=torch.uint8)
+    lut = torch.where(step == 0, identity, lut)
+    return lut.gather(1, pixels).view(n, c, h, w)
+
+
+def _colour_op(img: torch.Tensor, op: int, neg: torch.Tensor, mags: tuple[float, ...]) -> torch.Tensor:
+    """Op `op` (not geometric, not Identity) on a chunk of images; neg: long (n,), 1 where the magnitude is negated."""
+    name = OP_NAMES[op]
+    if op in _BLEND_OPS:
+        ratio, complement = _blend_factors(mags, img.device)[op - _BLEND_OPS.start].index_select(0, neg).T
+        ratio, complement = ratio.view(-1, 1, 1, 1), complement.view(-1, 1, 1, 1)
+        if name == "Brightness":
+            return _blend(img, None, ratio, complement)
+        if name == "Color":
+            return _blend(img, _grayscale(img), ratio, complement)
+        if name == "Contrast":
+            return _blend(img, _grayscale(img).mean(dim=(1, 2, 3), keepdim=True), ratio, complement)
+        return _sharpness(img, ratio, complement)
+    if name == "Posterize":
+        return img & -int(2 ** (8 - int(mags[op])))  # keeps the top `bits` bits
+    if name == "Solarize":
+        # 255 - v == v ^ 255 on uint8; xor with a 0/255 mask is several times faster on CPU than torch.where.
+        return img ^ (img >= mags[op]).to(torch.uint8).mul_(255)
+    if name == "AutoContrast":
+        return _autocontrast(img)
+    return _equalize(img)
+
+
+def _apply_ops(
+    x: torch.Tensor,
+    op_idx: torch.Tensor,
+    negate: torch.Tensor,
+    magnitude: int = 9,
+    num_magnitude_bins: int = 31,
+) -> torch.Tensor:
+    """Apply op OP_NAMES[op_idx[i]] to image i, with its magnitude negated where negate[i] (signed ops only).
+
+    x: uint8 (B, 3, H, W); op_idx: long (B,); negate: bool or 0/1 (B,). Same result as torchvision's
+    autoaugment._apply_op(x[i], name, +-magnitude, NEAREST, fill=None) for each i.
+    """
+    _, _, h, w = x.shape
+    mags = _magnitudes(magnitude, num_magnitude_bins, h, w)
+    # Sorting by op id makes each op's samples one contiguous chunk: the chunk bounds cost one host sync in all,
+    # rather than one boolean selection (and sync) per op.
+    order = torch.argsort(op_idx)
+    ops = op_idx[order]
+    neg = negate[order].long()
+    bounds = [0, *torch.bincount(op_idx, minlength=len(OP_NAMES)).cumsum(0).tolist()]
+    xs = x.index_select(0, order)  # index_select and not x[order]: it is ~10x faster on CPU
+
+    start, end = bounds[_GEOMETRIC.start], bounds[_GEOMETRIC.stop]
+    if end > start:
+        maps = _geometric_maps(h, w, x.device, magnitude, num_magnitude_bins)
+        which = (ops[start:end] - _GEOMETRIC.start) * 2 + neg[start:end]
+        xs[start:end] = _remap(xs[start:end], maps.index_select(0, which))
+
+    for op in range(_GEOMETRIC.stop, len(OP_NAMES)):
+        start, end = bounds[op], bounds[op + 1]
+        if end > start:
+            xs[start:end] = _colour_op(xs[start:end], op, neg[start:end], mags)
+
+    return xs.index_select(0, torch.argsort(order))  # undo the sort
+
+
+def rand_augment(
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    num_ops: int = 2,
+    magnitude: int = 9,
+    num_magnitude_bins: int = 31,
+) -> torch.Tensor:
+    """torchvision's RandAugment(num_ops, magnitude, num_magnitude_bins) with NEAREST interpolation and zero fill,
+    except that each image draws its own ops (uniform over the 14, with replacement) and signs."""
+    _check_batch(x)
+    shape = (num_ops, x.shape[0])
+    op_idx = torch.randint(len(OP_NAMES), shape, generator=generator, device=x.device)
+    negate = torch.randint(2, shape, generator=generator, device=x.device)
+    for k in range(num_ops):
+        x = _apply_ops(x, op_idx[k], negate[k], magnitude, num_magnitude_bins)
+    return x
+
+
+@lru_cache(maxsize=None)
+def _normalize_coefficients(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
+    return torch.stack([1.0 / (255.0 * std_t), -mean_t / std_t])
+
+
+def normalize(x: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 (x / 255 - mean) / std per channel."""
+    scale, shift = _normalize_coefficients(tuple(map(float, mean)), tuple(map(float, std)), x.device)
+    # One in-place multiply-add instead of three passes over the batch (differs from the formula by float rounding).
+    return x.float().mul_(scale).add_(shift)
+
+
+def train_transform(x_uint8: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Crop + flip, RandAugment, normalize: uint8 (B, 3, H, W) -> float32."""
+    return normalize(rand_augment(random_crop_flip(x_uint8, generator), generator))
+
+
+def eval_transform(x_uint8: torch.Tensor) -> torch.Tensor:
+    """Normalize only: uint8 (B, 3, H, W) -> float32."""
+    return normalize(x_uint8)

@@ -1,0 +1,204 @@
+"""CIFAR-10 as uint8 tensors on the device: loading, splits, augmentation, mixup and a loader.
+
+The whole dataset is 180 MB as uint8, so it lives on the training device and every batch is
+augmented there, per sample, with tensor ops. No DataLoader workers, no PIL, no CPU bottleneck.
+"""
+
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from augment import eval_transform, train_transform
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILE = "test_batch"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+VAL_PER_CLASS = 500  # 5,000 validation images, 500 of each class
+
+
+class DataError(RuntimeError):
+    """The data is missing, corrupt or unreachable; the message says what to do."""
+
+
+@dataclass
+class CIFAR10:
+    train_images: torch.Tensor  # (50000, 3, 32, 32) uint8
+    train_labels: torch.Tensor  # (50000,) int64
+    test_images: torch.Tensor  # (10000, 3, 32, 32) uint8
+    test_labels: torch.Tensor  # (10000,) int64
+    classes: list
+
+
+def _read_batch(path: str, expected: int):
+    if not os.path.isfile(path):
+        raise DataError(f"CIFAR-10 file {path} is missing; delete the folder to download it again, or fix --data-dir")
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        images = np.asarray(entry["data"], dtype=np.uint8)
+        labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
+    except Exception as e:  # truncated or foreign files fail in many ways; all mean the same to the user
+        raise DataError(f"CIFAR-10 file {path} is corrupt or truncated ({type(e).__name__}); download it again") from None
+    if images.shape != (expected, 3 * 32 * 32) or labels.shape != (expected,) or not ((labels >= 0) & (labels < 10)).all():
+        raise DataError(
+            f"CIFAR-10 file {path} holds {images.shape[0]} images of shape {images.shape[1:]} "
+            f"and {labels.shape[0]} labels; expected {expected} images of 3072 bytes with labels 0-9"
+        )
+    return torch.from_numpy(images).view(-1, 3, 32, 32), torch.from_numpy(labels)
+
+
+def _download(data_dir: str):
+    # torchvision's utilities verify the md5 and extract; imported here so that plain loading needs no torchvision.
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        download_and_extract_archive(URL, download_root=data_dir, filename="cifar-10-python.tar.gz", md5=ARCHIVE_MD5)
+    except (OSError, RuntimeError, tarfile.TarError) as e:
+        raise DataError(
+            f"could not download CIFAR-10 from {URL} ({type(e).__name__}: {e}); "
+            f"with no network, pass --data-dir pointing at a folder that holds {FOLDER}/"
+        ) from None
+
+
+def load_cifar10(data_dir: str = "data", download: bool = True) -> CIFAR10:
+    """Read data_dir/cifar-10-batches-py (the official python format), downloading it if asked."""
+    folder = os.path.join(data_dir, FOLDER)
+    if not os.path.isdir(folder):
+        if not download:
+            raise DataError(f"no CIFAR-10 at {folder}; pass --data-dir pointing at the folder that holds {FOLDER}/")
+        _download(data_dir)
+    train = [_read_batch(os.path.join(folder, name), 10000) for name in TRAIN_FILES]
+    test_images, test_labels = _read_batch(os.path.join(folder, TEST_FILE), 10000)
+    classes = CLASSES
+    meta = os.path.join(folder, "batches.meta")
+    if os.path.isfile(meta):
+        try:
+            with open(meta, "rb") as f:
+                classes = list(pickle.load(f, encoding="latin1")["label_names"])
+        except Exception:
+            raise DataError(f"CIFAR-10 file {meta} is corrupt; download it again") from None
+    return CIFAR10(
+        train_images=torch.cat([x for x, _ in train]),
+        train_labels=torch.cat([y for _, y in train]),
+        test_images=test_images,
+        test_labels=test_labels,
+        classes=classes,
+    )
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def _stratified_pick(labels: torch.Tensor, per_class: list, generator: torch.Generator) -> torch.Tensor:
+    """Indices of per_class[c] randomly chosen samples of each class c, sorted."""
+    picked = []
+    for c, k in enumerate(per_class):
+        idx = (labels == c).nonzero().squeeze(1)
+        picked.append(idx[torch.randperm(len(idx), generator=generator)[:k]])
+    return torch.cat(picked).sort().values
+
+
+def split_indices(labels: torch.Tensor, seed: int = 0, val_per_class: int = VAL_PER_CLASS, subset_ratio: float = 1.0):
+    """Stratified (train, val) index split of the training set; the same seed gives the same split.
+
+    The validation set is always the full val_per_class x classes; subset_ratio shrinks only the
+    training part (stage 1's proxy runs), keeping class balance.
+    """
+    if not 0.0 < subset_ratio <= 1.0:
+        raise ValueError(f"subset_ratio must be in (0, 1], got {subset_ratio}")
+    num_classes = int(labels.max()) + 1
+    g = torch.Generator().manual_seed(seed)
+    val = _stratified_pick(labels, [val_per_class] * num_classes, g)
+    rest = torch.ones(len(labels), dtype=torch.bool)
+    rest[val] = False
+    train = rest.nonzero().squeeze(1)
+    if subset_ratio < 1.0:
+        counts = torch.bincount(labels[train], minlength=num_classes)
+        keep = [max(1, round(int(n) * subset_ratio)) for n in counts]
+        # A separate generator, so that changing the ratio never moves the validation set.
+        train = train[_stratified_pick(labels[train], keep, torch.Generator().manual_seed(seed + 1))]
+    return train, val
+
+
+@dataclass
+class Splits:
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    classes: list
+
+    def to(self, device) -> "Splits":
+        move = lambda t: t.to(device)  # noqa: E731
+        return Splits(move(self.train_images), move(self.train_labels), move(self.val_images),
+                      move(self.val_labels), self.classes)
+
+
+def train_val_splits(ds: CIFAR10, seed: int = 0, subset_ratio: float = 1.0, device="cpu") -> Splits:
+    """The training and validation data both stages use, on the device. Never the test set."""
+    train, val = split_indices(ds.train_labels, seed=seed, subset_ratio=subset_ratio)
+    images, labels = ds.train_images, ds.train_labels
+    return Splits(images[train], labels[train], images[val], labels[val], ds.classes).to(device)
+
+
+def final_test_set(ds: CIFAR10, device="cpu"):
+    """The 10,000 test images; only evaluate.py calls this, once training is over."""
+    return ds.test_images.to(device), ds.test_labels.to(device)
+
+
+# ----------------------------------------------------------------------------- mixup and loader
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, num_classes: int = 10):
+    """Mix each sample with another of the batch (Zhang et al., 2018); returns soft targets.
+
+    One lambda ~ Beta(alpha, alpha) per batch; rows of the soft targets sum to 1.
+    """
+    targets = F.one_hot(y, num_classes).to(x.dtype)
+    if alpha <= 0:
+        return x, targets
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())  # global RNG: checkpoints replay it
+    perm = torch.randperm(x.shape[0], device=x.device)
+    return lam * x + (1 - lam) * x[perm], lam * targets + (1 - lam) * targets[perm]
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against hard labels (int64) or soft targets (float rows summing to 1)."""
+    return F.cross_entropy(logits, targets)
+
+
+class DeviceLoader:
+    """Batches from device-resident uint8 tensors: shuffled and augmented per sample for training,
+    only normalised for evaluation. Training drops the last partial batch; evaluation keeps all."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool, augment: bool = True):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if train and len(images) < batch_size:
+            raise ValueError(f"{len(images)} training images are fewer than one batch of {batch_size}")
+        self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
+        self.transform = train_transform if train and augment else eval_transform
+
+    def __len__(self):
+        n = len(self.images)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n, bs = len(self.images), self.batch_size
+        # Shuffle with the global RNG, so that a checkpoint's saved RNG state replays the same order.
+        order = torch.randperm(n, device=self.images.device) if self.train else None
+        for i in range(len(self)):
+            if self.train:
+                idx = order[i * bs : (i + 1) * bs]
+                yield self.transform(self.images[idx]), self.labels[idx]
+            else:
+                sl = slice(i * bs, (i + 1) * bs)
+                yield eval_transform(self.images[sl]), self.labels[sl]

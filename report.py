@@ -1,0 +1,77 @@
+"""What both stages write about a run: JSON files, TensorBoard scalars, curve plots, code version."""
+
+import json
+import os
+import subprocess
+import tempfile
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def code_version() -> str:
+    """The git commit of this code ('+dirty' with uncommitted changes), so a result can be rebuilt."""
+    try:
+        run = lambda *args: subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=10)  # noqa: E731
+        commit = run("rev-parse", "HEAD").stdout.strip()
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return (commit or "unknown") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_json(path: str, obj):
+    """Write atomically, so that a reader (or a second worker) never sees half a file."""
+    write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def write_text(path: str, text: str):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class TensorBoardLogger:
+    """An on_epoch callback that writes the epoch's curves for `tensorboard --logdir results`."""
+
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter  # slow import; only runs that log pay it
+
+        self.writer = SummaryWriter(log_dir)
+
+    def __call__(self, trainer, record: dict):
+        step = record["epoch"]
+        for split in ("train", "val"):
+            self.writer.add_scalar(f"loss/{split}", record[f"{split}_loss"], step)
+            self.writer.add_scalar(f"accuracy/{split}", record[f"{split}_acc"], step)
+        self.writer.add_scalar("lr", record["lr"], step)
+        self.writer.add_scalar("throughput/train_img_s", record["train_img_s"], step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+def plot_curves(history: list, path: str, title: str):
+    """Training and validation loss and accuracy per epoch, side by side, in one PNG."""
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "-"), ("val", "--")):
+        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], style, marker=".", label=split)
+        ax_acc.plot(epochs, [100 * r[f"{split}_acc"] for r in history], style, marker=".", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

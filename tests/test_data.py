@@ -1,0 +1,124 @@
+import os
+import shutil
+
+import pytest
+import torch
+
+import data
+from conftest import REAL_DATA, needs_real_data
+from data import DataError, DeviceLoader, load_cifar10, loss_fn, mixup, split_indices, final_test_set, train_val_splits
+
+
+def test_load_reads_the_official_format(fake_cifar_dir):
+    ds = load_cifar10(fake_cifar_dir, download=False)
+    assert ds.train_images.shape == (50000, 3, 32, 32) and ds.train_images.dtype == torch.uint8
+    assert ds.test_images.shape == (10000, 3, 32, 32) and ds.test_labels.dtype == torch.int64
+    assert ds.classes[0] == "airplane" and len(ds.classes) == 10
+    assert torch.bincount(ds.train_labels).tolist() == [5000] * 10
+
+
+@needs_real_data
+def test_real_cifar10_has_5000_and_1000_images_per_class():
+    ds = load_cifar10(REAL_DATA, download=False)
+    assert torch.bincount(ds.train_labels, minlength=10).tolist() == [5000] * 10
+    assert torch.bincount(ds.test_labels, minlength=10).tolist() == [1000] * 10
+    assert ds.train_images.float().mean().item() > 50  # real pictures, not zeros
+
+
+def test_missing_folder_without_download_names_the_flag(tmp_path):
+    with pytest.raises(DataError, match="--data-dir"):
+        load_cifar10(str(tmp_path), download=False)
+
+
+def test_failed_download_says_so_and_names_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # nothing listens there
+    with pytest.raises(DataError, match="could not download.*--data-dir"):
+        load_cifar10(str(tmp_path), download=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "garbage"])
+def test_damaged_files_give_a_clear_error_not_a_smaller_dataset(fake_cifar_dir, tmp_path, damage):
+    root = str(tmp_path)
+    shutil.copytree(os.path.join(fake_cifar_dir, "cifar-10-batches-py"), os.path.join(root, "cifar-10-batches-py"))
+    path = os.path.join(root, "cifar-10-batches-py", "data_batch_3")
+    if damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif damage == "delete":
+        os.remove(path)
+    else:
+        with open(path, "wb") as f:
+            f.write(b"not a pickle at all")
+    with pytest.raises(DataError, match="data_batch_3"):
+        load_cifar10(root, download=False)
+
+
+def _balanced_labels():
+    return torch.arange(50000) % 10
+
+
+def test_stage_split_sizes_disjoint_stratified_and_seeded():
+    labels = _balanced_labels()
+    train, val = split_indices(labels, seed=0)
+    assert len(train) == 45000 and len(val) == 5000
+    assert len(set(train.tolist()) | set(val.tolist())) == 50000
+    assert torch.bincount(labels[val]).tolist() == [500] * 10
+    train2, val2 = split_indices(labels, seed=0)
+    assert torch.equal(train, train2) and torch.equal(val, val2)
+    _, val3 = split_indices(labels, seed=1)
+    assert not torch.equal(val, val3)
+
+
+def test_subset_keeps_classes_balanced_and_the_validation_set_fixed():
+    labels = _balanced_labels()
+    full_train, val = split_indices(labels, seed=0)
+    train, val_sub = split_indices(labels, seed=0, subset_ratio=0.2)
+    assert len(train) == 9000 and torch.bincount(labels[train]).tolist() == [900] * 10
+    assert torch.equal(val, val_sub)
+    assert set(train.tolist()) <= set(full_train.tolist())
+    with pytest.raises(ValueError, match="subset_ratio"):
+        split_indices(labels, subset_ratio=0.0)
+
+
+def test_train_val_splits_never_hand_out_test_images(fake_cifar_dir):
+    ds = load_cifar10(fake_cifar_dir, download=False)
+    splits = train_val_splits(ds, seed=0)
+    assert len(splits.train_images) == 45000 and len(splits.val_images) == 5000
+    test_x, test_y = final_test_set(ds)
+    assert len(test_x) == 10000
+    # The fake test batch is drawn independently, so no training image should equal the first test image.
+    assert not (splits.train_images == test_x[0]).flatten(1).all(1).any()
+
+
+def test_mixup_makes_soft_targets_whose_rows_sum_to_one():
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 32, 32)
+    y = torch.randint(0, 10, (16,))
+    xm, t = mixup(x, y, alpha=0.1)
+    torch.testing.assert_close(t.sum(1), torch.ones(16))
+    assert not torch.equal(xm, x)
+    assert (t > 0).sum(1).max() == 2  # two classes mixed in some row
+    x0, t0 = mixup(x, y, alpha=0.0)
+    assert torch.equal(x0, x) and torch.equal(t0.argmax(1), y)
+
+
+def test_loss_accepts_hard_and_soft_targets_and_they_agree_on_one_hot():
+    logits = torch.randn(8, 10)
+    y = torch.randint(0, 10, (8,))
+    soft = torch.nn.functional.one_hot(y, 10).float()
+    torch.testing.assert_close(loss_fn(logits, y), loss_fn(logits, soft))
+
+
+def test_loader_drops_partial_train_batch_keeps_all_eval_and_reshuffles():
+    images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 3, 32, 32).contiguous()
+    labels = torch.arange(100)
+    train = DeviceLoader(images, labels, batch_size=32, train=True)
+    torch.manual_seed(0)
+    epoch1 = torch.cat([y for _, y in train])
+    epoch2 = torch.cat([y for _, y in train])
+    assert len(train) == 3 and len(epoch1) == 96 and len(set(epoch1.tolist())) == 96
+    assert not torch.equal(epoch1, epoch2)
+    evaluation = DeviceLoader(images, labels, batch_size=32, train=False)
+    batches = list(evaluation)
+    assert len(batches) == 4 and torch.equal(torch.cat([y for _, y in batches]), labels)
+    assert batches[0][0].dtype == torch.float32 and batches[0][0].shape == (32, 3, 32, 32)

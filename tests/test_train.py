@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+import train
+from conftest import REAL_DATA, needs_real_data, synthetic_splits
+from data import load_cifar10, train_val_splits
+from train import Diverged, TrainConfig, Trainer, lr_factor, pick_device
+
+TINY = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, batch_size=64, warmup_epochs=1)
+
+
+def make_trainer(splits=None, **overrides):
+    splits = splits or synthetic_splits()
+    cfg = TrainConfig(**{**TINY, **overrides})
+    return Trainer(cfg, splits.train_images, splits.train_labels, splits.val_images, splits.val_labels,
+                   device=torch.device("cpu"), progress=False)
+
+
+def test_training_learns_a_synthetic_task_and_records_every_epoch():
+    seen = []
+    trainer = make_trainer(epochs=4, lr=3e-3, patience=10)
+    history = trainer.fit(on_epoch=lambda t, rec: seen.append(rec["epoch"]))
+    assert seen == [1, 2, 3, 4] and len(history) == 4
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time"):
+        assert key in history[-1]
+    assert history[-1]["val_acc"] > 0.5  # chance is 0.1
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+@pytest.mark.parametrize("optimizer,scheduler,mixup_alpha", [("sgd", "step", 0.1), ("adamw", "cosine", 0.1)])
+def test_every_optimizer_scheduler_and_mixup_runs(optimizer, scheduler, mixup_alpha):
+    trainer = make_trainer(epochs=1, optimizer=optimizer, scheduler=scheduler, mixup_alpha=mixup_alpha, lr=1e-3)
+    (record,) = trainer.fit()
+    assert 0.0 <= record["train_acc"] <= 1.0 and record["val_loss"] > 0
+
+
+def test_seeded_cpu_runs_repeat_exactly():
+    a = make_trainer(epochs=2, mixup_alpha=0.1).fit()
+    b = make_trainer(epochs=2, mixup_alpha=0.1).fit()
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    assert [r["val_acc"] for r in a] == [r["val_acc"] for r in b]
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(monkeypatch):
+    scripted = iter([0.30, 0.50, 0.45, 0.50, 0.60, 0.1, 0.1, 0.1, 0.1, 0.1])
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: {"loss": 1.0, "acc": next(scripted)})
+    trainer = make_trainer(epochs=50, patience=3)
+    history = trainer.fit()
+    # best 0.50 at epoch 2 (0.50 again at 4 is not better), 0.60 at 5, then 3 epochs worse: stop after 8
+    assert len(history) == 8 and trainer.best_epoch == 5 and trainer.best_acc == 0.60
+    assert [r["is_best"] for r in history] == [True, True, False, False, True, False, False, False]
+
+
+def test_a_diverging_run_raises_diverged():
+    trainer = make_trainer(epochs=3)
+    with torch.no_grad():
+        trainer.model.head.weight.fill_(float("nan"))
+    with pytest.raises(Diverged, match="nan"):
+        trainer.fit()
+
+
+def test_resuming_from_a_state_dict_matches_an_uninterrupted_run():
+    full = make_trainer(epochs=4, mixup_alpha=0.1).fit()
+    first = make_trainer(epochs=4, mixup_alpha=0.1)
+    first.fit(on_epoch=lambda t, rec: setattr(t, "bad_epochs", 10**6) if rec["epoch"] == 2 else None)
+    state = first.state_dict()
+    state["early_stopping"]["bad_epochs"] = 0  # undo the forced stop
+    second = make_trainer(epochs=4, mixup_alpha=0.1)
+    second.load_state_dict(state)
+    resumed = second.fit()
+    assert [r["epoch"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]
+    assert [r["val_acc"] for r in resumed] == [r["val_acc"] for r in full]
+
+
+def test_schedules_warm_up_then_decay():
+    cfg = TrainConfig(epochs=10, warmup_epochs=1, scheduler="cosine")
+    f = [lr_factor(s, cfg, steps_per_epoch=10) for s in range(100)]
+    assert f[0] == 0.1 and f[9] == 1.0 and f[50] < 0.6 and f[-1] < 0.01
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))
+    step = TrainConfig(epochs=10, warmup_epochs=1, scheduler="step")
+    g = [lr_factor(s, step, steps_per_epoch=10) for s in range(100)]
+    assert g[20] == 1.0 and g[60] == pytest.approx(0.1) and g[95] == pytest.approx(0.01)
+
+
+def test_invalid_train_config_is_rejected():
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="adam")
+    with pytest.raises(ValueError, match="num_heads"):
+        TrainConfig(embed_dim=130)
+
+
+def test_auto_device_is_cpu_without_accelerators():
+    if not torch.cuda.is_available():
+        assert pick_device("auto").type in ("cpu", "mps")
+    assert pick_device("cpu").type == "cpu"
+
+
+@needs_real_data
+def test_seed_best_shape_learns_real_cifar10_in_two_epochs():
+    ds = load_cifar10(REAL_DATA, download=False)
+    splits = train_val_splits(ds, seed=0, subset_ratio=5000 / 45000)
+    assert len(splits.train_images) == 5000 and len(splits.val_images) == 5000
+    cfg = TrainConfig(patch_size=4, embed_dim=128, depth=6, num_heads=4, optimizer="adamw", lr=5.8e-4,
+                      batch_size=64, epochs=2)
+    trainer = Trainer(cfg, splits.train_images, splits.train_labels, splits.val_images, splits.val_labels,
+                      device=torch.device("cpu"), progress=False)
+    history = trainer.fit()
+    assert history[-1]["val_acc"] >= 0.30, history

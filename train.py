@@ -1,0 +1,244 @@
+"""The one training loop both stages share: model, optimizer, schedule, epochs, early stopping.
+
+Stage 1 adds pruning through `on_epoch`; stage 2 adds checkpoints, TensorBoard and reports the
+same way. Everything a run needs to continue exactly lives in `Trainer.state_dict()`.
+"""
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from data import DeviceLoader, loss_fn, mixup
+from vit import ViT, ViTConfig
+
+
+@dataclass
+class TrainConfig:
+    # model (the search space's part of ViTConfig; the rest keeps ViTConfig's defaults)
+    patch_size: int = 4
+    embed_dim: int = 128
+    depth: int = 6
+    num_heads: int = 4
+    drop_path: float = 0.1  # stochastic depth: the usual regulariser of small ViTs on small data
+    # optimisation
+    optimizer: str = "adamw"  # "adamw" or "sgd" (with Nesterov momentum 0.9)
+    lr: float = 5.8e-4  # peak learning rate, reached after warmup
+    weight_decay: float = 0.05  # AdamW's decoupled decay; SGD uses weight_decay / 10 (coupled, so stronger)
+    scheduler: str = "cosine"  # "cosine" to zero, or "step": x0.1 at 50 % and 75 % of the epochs
+    warmup_epochs: int = 2  # linear warmup: attention is unstable at full lr from a random init
+    grad_clip: float = 1.0  # max global gradient norm (0: off); tames the loss spikes of early ViT training
+    augment: bool = True  # crop, flip and RandAugment; off only for quick sanity runs
+    batch_size: int = 128
+    mixup_alpha: float = 0.0  # 0 turns mixup off
+    epochs: int = 20  # the schedule's length; early stopping may end sooner
+    patience: int = 6  # epochs without a better validation accuracy before stopping
+    # data
+    subset_ratio: float = 1.0  # share of the 45,000 training images used (stage 1 proxies: 0.2)
+    seed: int = 0  # seeds the split, the init, the shuffling and the augmentation
+
+    def __post_init__(self):
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.scheduler not in ("cosine", "step"):
+            raise ValueError(f"scheduler must be 'cosine' or 'step', got {self.scheduler!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("batch_size", "epochs", "patience"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self.vit_config()  # the model's own checks, raised now rather than mid-run
+
+    def vit_config(self) -> ViTConfig:
+        return ViTConfig(
+            patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
+            num_heads=self.num_heads, drop_path=self.drop_path,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Build from a dict, ignoring keys that are not fields (e.g. a trial's extra attributes)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # Decay only weight matrices: shrinking biases, norms and embeddings towards 0 only hurts.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or name in ("cls_token", "pos_embed") else decay).append(p)
+    if cfg.optimizer == "adamw":
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay / 10}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+
+
+def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """The schedule as a multiple of cfg.lr at a given optimizer step (warmup included)."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(cfg.warmup_epochs * steps_per_epoch, total // 5)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if cfg.scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, loader: DeviceLoader, amp: bool = False, return_preds: bool = False):
+    """Mean loss and accuracy over every sample of the loader (and the predictions, if asked)."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    preds = []
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss_sum += loss_fn(logits.float(), y) * len(y)
+        preds.append(logits.argmax(1))
+    preds = torch.cat(preds)
+    n = len(loader.labels)
+    result = {"loss": loss_sum.item() / n, "acc": (preds == loader.labels).float().mean().item()}
+    if return_preds:
+        result["preds"] = preds.cpu()
+    return result
+
+
+class Trainer:
+    """Holds a run's model, optimizer, schedule and early-stopping state; `fit` runs the epochs."""
+
+    def __init__(self, cfg: TrainConfig, train_images, train_labels, val_images, val_labels,
+                 device: torch.device, amp: bool | None = None, compile: bool = False, progress: bool = True):
+        self.cfg, self.device, self.progress = cfg, device, progress
+        # bf16 autocast pays on GPUs; on a CPU without bf16 units it is emulated and 4x slower.
+        self.amp = device.type == "cuda" if amp is None else amp
+        seed_everything(cfg.seed)
+        self.train_loader = DeviceLoader(train_images, train_labels, cfg.batch_size, train=True, augment=cfg.augment)
+        self.val_loader = DeviceLoader(val_images, val_labels, max(cfg.batch_size, 500), train=False)
+        self.model = ViT(cfg.vit_config()).to(device)
+        self.step_model = torch.compile(self.model) if compile else self.model
+        self.optimizer = make_optimizer(self.model, cfg, device)
+        steps = len(self.train_loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg, steps))
+        self.epoch = 0  # epochs completed
+        self.history = []  # one dict per completed epoch
+        self.best_acc, self.best_epoch, self.bad_epochs = -1.0, 0, 0
+
+    # -- checkpoints: everything needed to continue exactly where a run stopped
+    def state_dict(self) -> dict:
+        return {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "early_stopping": {"best_acc": self.best_acc, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs},
+            "rng": _rng_state(),
+        }
+
+    def load_state_dict(self, state: dict):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.history = state["epoch"], list(state["history"])
+        es = state["early_stopping"]
+        self.best_acc, self.best_epoch, self.bad_epochs = es["best_acc"], es["best_epoch"], es["bad_epochs"]
+        _set_rng_state(state["rng"])
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.bad_epochs >= self.cfg.patience
+
+    def train_epoch(self) -> dict:
+        model, cfg = self.step_model, self.cfg
+        model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        seen, t0 = 0, time.perf_counter()
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=None if self.progress else True, unit="batch")
+        for i, (x, y) in enumerate(bar):
+            x, targets = mixup(x, y, cfg.mixup_alpha)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                logits = model(x)
+            loss = loss_fn(logits.float(), targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            # Accumulate on the device: a .item() per step would stall a GPU.
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == targets.argmax(1)).sum()
+            seen += len(y)
+            if i % 20 == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        train_loss = loss_sum.item() / seen
+        if not math.isfinite(train_loss):
+            raise Diverged(f"training loss became {train_loss} in epoch {self.epoch + 1}")
+        return {"train_loss": train_loss, "train_acc": correct.item() / seen,
+                "epoch_time": time.perf_counter() - t0, "train_img_s": seen / (time.perf_counter() - t0)}
+
+    def fit(self, on_epoch=None) -> list:
+        """Train until cfg.epochs or early stopping. on_epoch(trainer, record) runs after each epoch
+        (stage 1 reports to Optuna and may raise TrialPruned; stage 2 saves checkpoints)."""
+        while self.epoch < self.cfg.epochs and not self.stopped_early:
+            lr = self.optimizer.param_groups[0]["lr"]
+            record = self.train_epoch()
+            val = evaluate(self.model, self.val_loader, amp=self.amp)
+            self.epoch += 1
+            record = {"epoch": self.epoch, **record, "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr}
+            record["is_best"] = val["acc"] > self.best_acc
+            if record["is_best"]:
+                self.best_acc, self.best_epoch, self.bad_epochs = val["acc"], self.epoch, 0
+            else:
+                self.bad_epochs += 1
+            self.history.append(record)
+            if on_epoch is not None:
+                on_epoch(self, record)
+        return self.history

@@ -1,0 +1,173 @@
+"""The Vision Transformer (Dosovitskiy et al., 2021), sized for 32x32 CIFAR-10 images.
+
+Reads top-down like the paper: PatchEmbed -> [Block = Attention + MLP] x depth -> ViT.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 32  # CIFAR-10 images are 32x32
+    patch_size: int = 4  # 4 -> 64 tokens; 2 -> 256 tokens, ~5x the FLOPs
+    embed_dim: int = 128  # token width; small, because 45k images cannot feed a big model
+    depth: int = 6  # number of transformer blocks
+    num_heads: int = 4  # attention heads; embed_dim must divide evenly among them
+    mlp_ratio: float = 4.0  # MLP hidden width / embed_dim, as in the paper
+    dropout: float = 0.0  # on the MLP, projections and embeddings; CIFAR ViTs rely on augmentation instead
+    attn_dropout: float = 0.0  # on the attention weights
+    drop_path: float = 0.1  # stochastic depth of the last block (linearly less for earlier ones)
+    num_classes: int = 10  # CIFAR-10
+    in_channels: int = 3  # RGB
+    pool: str = "cls"  # "cls": classify the class token; "mean": average all patch tokens
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size", "embed_dim", "depth", "num_heads", "num_classes", "in_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into non-overlapping patches and project each to embed_dim (a strided conv)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x):
+        x = self.proj(x)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D), N = (H/p) * (W/p)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        self.attn_dropout = cfg.attn_dropout
+        self.proj_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, D/H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D/H)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, D)  # (B, N, D): heads concatenated again
+        return self.proj_drop(self.proj(x))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+        self.fc1 = nn.Linear(cfg.embed_dim, hidden)
+        self.fc2 = nn.Linear(hidden, cfg.embed_dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a sample's whole residual branch with probability p, in training only."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.p  # one draw per sample
+        return x * keep.to(x.dtype) / (1.0 - self.p)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViTConfig, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim)
+        self.mlp = MLP(cfg)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.pool == "cls" else None
+        num_tokens = cfg.num_patches + (cfg.pool == "cls")
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, cfg.embed_dim))
+        self.drop = nn.Dropout(cfg.dropout)
+        # Deeper blocks are dropped more often: early features are shared by everything after them.
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        self.norm = nn.LayerNorm(cfg.embed_dim)
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
+        self.apply(self._init_weights)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02, a=-0.04, b=0.04)
+
+    @staticmethod
+    def _init_weights(m):
+        # One init for every weight matrix (as in ViT): normal, std 0.02, truncated at 2 std; zero biases.
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.patch_embed(x)  # (B, N, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
+        x = self.drop(x + self.pos_embed)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, D)
+        return self.head(x)  # (B, num_classes)
+
+
+def count_flops(cfg: ViTConfig) -> int:
+    """Forward FLOPs per image (2 per multiply-add), counted analytically, attention included."""
+    n = cfg.num_patches + (cfg.pool == "cls")
+    d, h = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    patch = 2 * cfg.num_patches * (cfg.in_channels * cfg.patch_size**2) * d
+    per_block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * h
+    return patch + cfg.depth * per_block + 2 * d * cfg.num_classes
