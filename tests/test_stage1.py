@@ -1,0 +1,167 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import stage1_search
+from conftest import synthetic_splits
+from stage1_search import make_storage, make_study, parse_args, run, suggest_config
+from train import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_splits():
+    return synthetic_splits(n_train=128, n_val=64)
+
+
+def small_args(tmp_path, *extra):
+    return parse_args(["--results", str(tmp_path), "--epochs", "2", "--patience", "2", "--heartbeat", "5", *extra])
+
+
+def test_search_space_is_the_seeds():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {}
+    for _ in range(64):
+        trial = study.ask()
+        cfg = suggest_config(trial, TrainConfig())
+        for k, v in trial.params.items():
+            seen.setdefault(k, set()).add(v)
+            assert getattr(cfg, k) == v
+        study.tell(trial, 0.0)
+    assert seen["patch_size"] == {2, 4} and seen["embed_dim"] == {128, 192}
+    assert seen["depth"] == {4, 6} and seen["num_heads"] == {2, 4}
+    assert seen["optimizer"] == {"adamw", "sgd"} and seen["scheduler"] == {"cosine", "step"}
+    assert seen["batch_size"] == {64, 128} and seen["mixup_alpha"] == {0.0, 0.1}
+    assert 1e-5 <= min(seen["lr"]) and max(seen["lr"]) <= 1e-3
+
+
+def test_end_to_end_writes_study_attrs_reports_and_plots(tmp_path):
+    study = run(small_args(tmp_path, "--trials", "3"), splits=tiny_splits())
+    db = tmp_path / "stage1.db"
+    assert db.exists()
+    loaded = optuna.load_study(study_name="vit-cifar10", storage=f"sqlite:///{db}")
+    trials = loaded.get_trials()
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:
+        assert len(t.user_attrs["history"]) == t.user_attrs["epochs_run"] >= 1
+        assert t.user_attrs["config"]["patch_size"] == t.params["patch_size"]
+        assert t.value == t.user_attrs["best_val_acc"]
+        run_dir = tmp_path / "stage1" / f"trial_{t.number:04d}"
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir))
+        assert (run_dir / "config.json").exists() and (run_dir / "metrics.json").exists()
+    top = json.loads((tmp_path / "stage1" / "top3.json").read_text())
+    assert [e["val_acc"] for e in top] == sorted((t.value for t in trials), reverse=True)
+    assert set(top[0]["params"]) == {"patch_size", "embed_dim", "depth", "num_heads", "lr", "optimizer",
+                                     "scheduler", "batch_size", "mixup_alpha"}
+    summary = (tmp_path / "stage1" / "summary.md").read_text()
+    assert summary.count("| COMPLETE |") == 3
+    for e in top:
+        assert (tmp_path / "stage1" / f"curves_trial_{e['number']:04d}.png").stat().st_size > 1000
+    assert (tmp_path / "stage1" / "optimization_history.png").exists()
+
+
+def test_resuming_adds_trials_to_the_same_study(tmp_path):
+    run(small_args(tmp_path, "--trials", "1", "--epochs", "1"), splits=tiny_splits())
+    study = run(small_args(tmp_path, "--trials", "2", "--epochs", "1"), splits=tiny_splits())
+    assert [t.number for t in study.trials] == [0, 1, 2]
+    # the resumed sampler must not replay the first run's start-up proposal
+    assert study.trials[1].params != study.trials[0].params
+
+
+def test_median_pruner_prunes_a_trial_below_the_median(tmp_path):
+    study = make_study(make_storage(f"sqlite:///{tmp_path}/p.db", heartbeat=5), "prune", seed=0)
+
+    def objective(trial):  # deterministic: trial k scores k/100 at every epoch, so later ones beat earlier ones...
+        level = trial.number / 100 if trial.number < 6 else 0.0  # ...until trial 6, which is the worst
+        for epoch in range(1, 11):
+            trial.report(level, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return level
+
+    study.optimize(objective, n_trials=7)
+    states = [t.state for t in study.trials]
+    assert states[:6] == [TrialState.COMPLETE] * 6
+    assert states[6] == TrialState.PRUNED
+    # pruned at the first epoch past the pruner's warmup, not before
+    assert max(study.trials[6].intermediate_values) == 5
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path, monkeypatch):
+    real = stage1_search.suggest_config
+
+    def first_diverges(trial, base):
+        cfg = real(trial, base)
+        return cfg if trial.number else cfg.__class__(**{**cfg.to_dict(), "lr": 1e30, "optimizer": "sgd"})
+
+    monkeypatch.setattr(stage1_search, "suggest_config", first_diverges)
+    study = run(small_args(tmp_path, "--trials", "2", "--epochs", "1"), splits=tiny_splits())
+    assert study.trials[0].state == TrialState.FAIL
+    assert "loss became" in study.trials[0].user_attrs["failure"]
+    assert study.trials[1].state == TrialState.COMPLETE
+    assert "loss became" in (tmp_path / "stage1" / "summary.md").read_text()
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import stage1_search
+    from conftest import synthetic_splits
+    args = stage1_search.parse_args(sys.argv[1:])
+    stage1_search.run(args, splits=synthetic_splits(n_train=128, n_val=64))
+""")
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_two_processes_share_one_storage(tmp_path, storage):
+    url = f"sqlite:///{tmp_path}/stage1.db" if storage == "sqlite" else str(tmp_path / "stage1.journal")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
+    procs = [
+        subprocess.Popen([sys.executable, str(script), "--results", str(tmp_path), "--storage", url, "--trials", "2",
+                          "--epochs", "1", "--seed", str(seed)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for seed in (1, 2)
+    ]
+    outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    study = optuna.load_study(study_name="vit-cifar10", storage=make_storage(url, heartbeat=5))
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert len({t.user_attrs["pid"] for t in study.trials}) == 2
+
+
+def test_a_trial_of_a_dead_journal_worker_is_failed_and_retried(tmp_path):
+    url = str(tmp_path / "stage1.journal")
+    study = make_study(make_storage(url, heartbeat=5), "vit-cifar10", seed=0)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    trial = study.ask()
+    suggest_config(trial, TrainConfig())
+    trial.set_user_attr("host", __import__("socket").gethostname())
+    trial.set_user_attr("pid", int(dead.stdout))
+    stage1_search.fail_dead_local_trials(study)
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL
+    assert trials[1].state == TrialState.WAITING and trials[1].system_attrs["fixed_params"] == trials[0].params
+    assert trials[1].user_attrs["retry_of"] == 0
+
+
+def test_cli_rejects_bad_flags_and_missing_data_with_one_line(tmp_path):
+    bad = subprocess.run([sys.executable, "stage1_search.py", "--subset", "1.5"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--subset must be in (0, 1]" in bad.stderr
+    missing = subprocess.run([sys.executable, "stage1_search.py", "--no-download", "--data-dir", str(tmp_path),
+                              "--results", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().count("\n") == 0 and "--data-dir" in missing.stderr
+    bad_storage = subprocess.run([sys.executable, "stage1_search.py", "--storage", "bogus://nowhere"], cwd=ROOT,
+                                 capture_output=True, text=True)
+    assert bad_storage.returncode == 1 and "Traceback" not in bad_storage.stderr
+    assert "cannot open Optuna storage 'bogus://nowhere'" in bad_storage.stderr
+    help_text = subprocess.run([sys.executable, "stage1_search.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    for flag in ("--trials", "--storage", "--study-name", "--jobs", "--subset", "--data-dir", "--heartbeat"):
+        assert flag in help_text
