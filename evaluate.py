@@ -1,0 +1,181 @@
+"""Evaluate a checkpoint on the 10,000 CIFAR-10 test images: the only code that reads the test set.
+
+    python evaluate.py results/stage2/trial_0012/best.pt --data-dir ../shared/data
+
+Writes next to the checkpoint: metrics.json (accuracy, macro and per-class precision, recall, F1,
+support), classification_report.txt (scikit-learn's), confusion_matrix.png (counts and
+row-normalised) and confusion_matrix.csv. Checkpoints are loaded with weights_only=True, so a
+file carrying pickled code is refused instead of run.
+"""
+
+import argparse
+import csv
+import io
+import os
+import pickle
+import re
+import sys
+import warnings
+
+import numpy as np
+import torch
+from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+
+from data import DataError, DeviceLoader, final_test_set, load_cifar10
+from report import code_version, write_json, write_text
+from train import TrainConfig, evaluate, pick_device
+from vit import ViT
+
+EVAL_BATCH = 500  # the validation loader's size: inference memory is small, larger batches gain nothing
+
+
+def load_checkpoint(path: str, device="cpu") -> dict:
+    """A checkpoint written by Trainer.state_dict(), loaded without executing any pickled code."""
+    if not os.path.isfile(path):
+        raise DataError(f"no checkpoint at {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols before refusing them
+            state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's safe loader stops at the first thing that is not tensors or plain data: a class or
+        # function (how a pickle runs code) or an opcode it does not allow. Its own message suggests
+        # weights_only=False, the one thing not to do with such a file, so it is not passed on.
+        found = re.search(r"GLOBAL (\S+)|(Unsupported operand \d+)", str(e))
+        what = f" (first offender: {found.group(1) or found.group(2)})" if found else ""
+        raise DataError(f"refusing to load {path}: it holds more than tensors and plain data{what}, and loading "
+                        f"it fully could run code; checkpoints of this project never do") from None
+    except Exception as e:  # truncated zips, foreign files: all mean the same to the user
+        raise DataError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); "
+                        f"it may be truncated") from None
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+        raise DataError(f"{path} is not a checkpoint of this project (no 'model' and 'config' entries)")
+    return state
+
+
+def resolve_device(name: str) -> torch.device:
+    """pick_device, with a one-line error for a name torch does not know or a device this machine lacks."""
+    try:
+        device = pick_device(name)
+        torch.empty(0, device=device)  # fails now, not deep inside training
+    except (RuntimeError, AssertionError) as e:
+        raise DataError(f"cannot use device {name!r}: {str(e).splitlines()[0]}") from None
+    return device
+
+
+def model_from_checkpoint(state: dict, device) -> ViT:
+    try:
+        cfg = TrainConfig.from_dict(state["config"])
+        model = ViT(cfg.vit_config())
+        model.load_state_dict(state["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DataError(f"the checkpoint's model does not match its configuration: {str(e).splitlines()[0]}") from None
+    return model.to(device)
+
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, classes: list) -> dict:
+    """Accuracy, macro and per-class precision/recall/F1/support, all from scikit-learn."""
+    ids = list(range(len(classes)))
+    p, r, f, s = precision_recall_fscore_support(labels, preds, labels=ids, average=None, zero_division=0)
+    mp, mr, mf, _ = precision_recall_fscore_support(labels, preds, labels=ids, average="macro", zero_division=0)
+    return {
+        "accuracy": float((labels == preds).mean()),
+        "macro": {"precision": float(mp), "recall": float(mr), "f1": float(mf)},
+        "per_class": {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                      for i, name in enumerate(classes)},
+    }
+
+
+def write_confusion_csv(path: str, cm: np.ndarray, classes: list):
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["true \\ predicted", *classes])
+    for name, row in zip(classes, cm):
+        writer.writerow([name, *(int(v) for v in row)])
+    write_text(path, buf.getvalue())
+
+
+def plot_confusion(path: str, cm: np.ndarray, classes: list, title: str):
+    import matplotlib.pyplot as plt  # report.py has already chosen the Agg backend
+
+    # Rows of a class the test set lacks would divide by zero; they stay 0.
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(17, 7.5))
+    panels = ((axes[0], cm, "counts", "d"), (axes[1], norm, "row-normalised (recall on the diagonal)", ".2f"))
+    for ax, values, name, fmt in panels:
+        im = ax.imshow(values, cmap="Blues", vmin=0)
+        ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+               xlabel="predicted class", ylabel="true class", title=name)
+        ax.tick_params(axis="x", labelrotation=45)
+        high = values.max() / 2 if values.size else 0
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=8,
+                        color="white" if values[i, j] > high else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate_checkpoint(path: str, ds, device="cpu") -> dict:
+    """Evaluate the checkpoint at `path` on ds's test set; write the metrics and figures next to it."""
+    device = torch.device(device)
+    state = load_checkpoint(path)
+    model = model_from_checkpoint(state, device)
+    images, labels = final_test_set(ds, device)
+    # fp32 even on GPUs: the test numbers must not depend on a precision shortcut.
+    result = evaluate(model, DeviceLoader(images, labels, EVAL_BATCH, train=False), amp=False, return_preds=True)
+    y_true, y_pred = labels.cpu().numpy(), result["preds"].numpy()
+    classes = list(ds.classes)
+    metrics = classification_metrics(y_true, y_pred, classes)
+    es = state.get("early_stopping", {})
+    metrics = {
+        "checkpoint": os.path.abspath(path),
+        "epoch": state.get("epoch"),
+        "val_acc": es.get("best_acc"),  # the validation accuracy the checkpoint was kept for
+        "test_images": len(y_true),
+        "loss": result["loss"],
+        **metrics,
+        "config": state["config"],
+        "code_version": code_version(),
+    }
+    out = os.path.dirname(os.path.abspath(path))
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    write_text(os.path.join(out, "classification_report.txt"),
+               classification_report(y_true, y_pred, labels=list(range(len(classes))), target_names=classes,
+                                     digits=4, zero_division=0))
+    write_confusion_csv(os.path.join(out, "confusion_matrix.csv"), cm, classes)
+    plot_confusion(os.path.join(out, "confusion_matrix.png"), cm, classes,
+                   f"{os.path.basename(out)}: test accuracy {100 * metrics['accuracy']:.2f} % on {len(y_true)} images")
+    return metrics
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a best.pt or last.pt written by stage2_final.py (or stage 1's last.pt)")
+    p.add_argument("--data-dir", default="data",
+                   help="folder holding (or to receive) cifar-10-batches-py/ (default: data)")
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading CIFAR-10")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu (default: auto)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        load_checkpoint(args.checkpoint)  # refuse a bad file before the slower dataset load
+        ds = load_cifar10(args.data_dir, download=not args.no_download)
+        m = evaluate_checkpoint(args.checkpoint, ds, device)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    print(f"test accuracy {m['accuracy']:.4f}, macro precision {m['macro']['precision']:.4f}, "
+          f"recall {m['macro']['recall']:.4f}, F1 {m['macro']['f1']:.4f} on {m['test_images']} images; "
+          f"written next to {args.checkpoint}")
+
+
+if __name__ == "__main__":
+    main()

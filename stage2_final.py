@@ -1,0 +1,385 @@
+"""Stage 2: retrain the best stage-1 configurations on all 45,000 training images, then test them.
+
+    python stage2_final.py                      # the top 3 completed trials of the stage-1 study
+    python stage2_final.py --trials 12 31 7     # these trials of the study
+    python stage2_final.py --config top3.json   # exactly these configurations, no study needed
+
+Each model trains from scratch, with early stopping on the fixed 5,000 validation images, into
+results/stage2/<model>/: config.json, TensorBoard curves, best.pt and last.pt (everything needed
+to continue, so running the same command again after an interruption picks up at the next epoch;
+--fresh starts over) and curves.png. evaluate.py then tests each best.pt on the 10,000 test images,
+and results/stage2/report.md and comparison.png put the models side by side.
+"""
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, fields
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from data import DataError, load_cifar10, train_val_splits
+from evaluate import evaluate_checkpoint, load_checkpoint, resolve_device
+from report import TensorBoardLogger, code_version, plot_curves, write_json, write_text
+from stage1_search import completed_by_value, make_storage
+from train import Diverged, TrainConfig, Trainer
+
+CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
+# Everything a run writes into its folder; --fresh removes exactly these, nothing a person put there.
+RUN_OUTPUTS = ("last.pt", "best.pt", "curves.png", "metrics.json", "classification_report.txt",
+               "confusion_matrix.png", "confusion_matrix.csv")
+
+
+@dataclass
+class Candidate:
+    name: str  # its folder under results/stage2/, e.g. trial_0012 or config_0
+    config: TrainConfig  # the stage-2 configuration: stage 1's with stage 2's epochs, patience and all the data
+    source: str  # where the configuration came from, in words, for config.json and the report
+    stage1_val_acc: float | None = None
+
+
+def stage2_config(d: dict, args) -> TrainConfig:
+    return TrainConfig.from_dict({**d, "epochs": args.epochs, "patience": args.patience, "subset_ratio": 1.0})
+
+
+# ----------------------------------------------------------------------------- where configurations come from
+
+
+def open_study(args) -> optuna.Study:
+    url = args.storage
+    # make_storage would create a missing SQLite or journal file, and then report an empty study.
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else (url if "://" not in url else None)
+    if path is not None and not os.path.isfile(path):
+        raise DataError(f"no stage-1 storage at {path}; run stage1_search.py first, point --storage (or --results) "
+                        f"at its output, or pass --config")
+    try:
+        storage = make_storage(url, heartbeat=60)
+        names = optuna.study.get_all_study_names(storage)
+    except Exception as e:  # a bad URL, a missing driver, an unreachable server, a foreign file
+        raise DataError(f"cannot open Optuna storage {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if args.study_name not in names:
+        held = ", ".join(repr(n) for n in names) or "none"
+        raise DataError(f"no study {args.study_name!r} in {url} (it holds: {held}); pass --study-name")
+    return optuna.load_study(study_name=args.study_name, storage=storage)
+
+
+def candidates_from_study(args) -> list:
+    study = open_study(args)
+    where = f"study {args.study_name!r} in {args.storage}"
+    if args.trials:
+        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+        missing = [n for n in args.trials if n not in by_number]
+        if missing:
+            raise DataError(f"{where} has no trial {', '.join(map(str, missing))} "
+                            f"(its trials are numbered 0 to {len(by_number) - 1})")
+        chosen = [by_number[n] for n in dict.fromkeys(args.trials)]  # a number given twice trains once
+        for t in chosen:
+            if not t.params:
+                raise DataError(f"trial {t.number} of {where} is {t.state.name} and has no configuration yet")
+            if t.state != TrialState.COMPLETE:
+                tqdm.write(f"note: trial {t.number} is {t.state.name}, not COMPLETE; retraining it as asked")
+    else:
+        completed = completed_by_value(study)
+        if not completed:
+            raise DataError(f"{where} has no completed trial yet ({len(study.trials)} trials in all); "
+                            f"let stage1_search.py finish one, or pass --config")
+        chosen = completed[:args.top_k]
+        if len(chosen) < args.top_k:
+            tqdm.write(f"note: {where} has only {len(chosen)} completed trial(s); retraining those instead of "
+                       f"the top {args.top_k}")
+    # params win over the stored config: they are what Optuna proposed, and every key is a TrainConfig field.
+    return [Candidate(f"trial_{t.number:04d}", stage2_config({**t.user_attrs.get("config", {}), **t.params}, args),
+                      f"stage-1 trial {t.number} of {where}", t.value)
+            for t in chosen]
+
+
+def candidates_from_file(path: str, args) -> list:
+    """One configuration or a list: TrainConfig keys (top3.json's params), or whole top3.json entries."""
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except OSError as e:
+        raise DataError(f"cannot read --config {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"--config {path} is not valid JSON: {e}") from None
+    if isinstance(entries, dict):
+        entries = [entries]
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise DataError(f"--config {path} must hold a configuration (a JSON object) or a non-empty list of them")
+    candidates, names = [], set()
+    for i, entry in enumerate(entries):
+        number, val_acc = entry.get("number"), entry.get("val_acc")
+        if "params" in entry:  # a top3.json entry: its full config, with Optuna's params on top
+            d = {**(entry.get("config") or {}), **entry["params"]}
+        else:
+            d, number, val_acc = entry, None, None
+        unknown = sorted(set(d) - set(CONFIG_KEYS))
+        if unknown:
+            raise DataError(f"--config {path}, configuration {i}: unknown key(s) {', '.join(unknown)}; "
+                            f"known keys: {', '.join(CONFIG_KEYS)}")
+        try:
+            cfg = stage2_config(d, args)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"--config {path}, configuration {i}: {e}") from None
+        name = f"trial_{number:04d}" if isinstance(number, int) else f"config_{i}"
+        name = name if name not in names else f"config_{i}"
+        names.add(name)
+        origin = f" (stage-1 trial {number})" if isinstance(number, int) else ""
+        candidates.append(Candidate(name, cfg, f"configuration {i} of {path}{origin}", val_acc))
+    return candidates
+
+
+# ----------------------------------------------------------------------------- training one model
+
+
+def save_checkpoint(state: dict, path: str):
+    # Through a temporary file: a kill mid-write must not destroy the checkpoint a resume needs.
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def clear_run(run_dir: str):
+    for name in os.listdir(run_dir):
+        if name in RUN_OUTPUTS or name.startswith("events.out.tfevents"):
+            os.remove(os.path.join(run_dir, name))
+
+
+def train_model(c: Candidate, splits, args, device, out_dir: str) -> dict:
+    """Train (or resume, or skip if done) one model; return its training summary."""
+    run_dir = os.path.join(out_dir, c.name)
+    last, best = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
+    os.makedirs(run_dir, exist_ok=True)
+    cfg, s = c.config, splits
+    trainer = Trainer(cfg, s.train_images, s.train_labels, s.val_images, s.val_labels, device, compile=args.compile)
+    if os.path.isfile(last) and not args.fresh:
+        state = load_checkpoint(last)  # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
+        if state["config"] != cfg.to_dict():
+            raise DataError(f"{last} was trained with another configuration than {c.source}; pass --fresh to "
+                            f"start it over, or --results to write elsewhere")
+        trainer.load_state_dict(state)
+    else:
+        clear_run(run_dir)  # a run from scratch must not inherit the curves or checkpoints of an older one
+    if trainer.epoch == 0 or not os.path.isfile(os.path.join(run_dir, "config.json")):
+        write_json(os.path.join(run_dir, "config.json"), {"model": c.name, "source": c.source,
+                   "stage1_val_acc": c.stage1_val_acc, "config": cfg.to_dict(), "code_version": code_version()})
+
+    done = trainer.epoch >= cfg.epochs or trainer.stopped_early
+    if done:
+        tqdm.write(f"{c.name}: already trained ({trainer.epoch} epochs); evaluating only")
+    else:
+        if trainer.epoch:
+            tqdm.write(f"{c.name}: resuming after epoch {trainer.epoch} of {cfg.epochs} "
+                       f"(best val acc {trainer.best_acc:.4f} at epoch {trainer.best_epoch})")
+        else:
+            tqdm.write(f"{c.name}: training from scratch, at most {cfg.epochs} epochs on {len(s.train_images)} "
+                       f"images, early stopping on {len(s.val_images)} (patience {cfg.patience}), on {device}")
+        tensorboard = TensorBoardLogger(run_dir)
+
+        def on_epoch(t: Trainer, record: dict):
+            state = t.state_dict()
+            # best.pt before last.pt: a kill between the two then replays this epoch rather than
+            # leaving a last.pt whose best epoch has no best.pt.
+            if record["is_best"]:
+                save_checkpoint(state, best)
+            save_checkpoint(state, last)
+            tensorboard(t, record)
+            tqdm.write(f"{c.name} epoch {record['epoch']:3d}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
+                       f"acc {record['train_acc']:.4f}, val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}"
+                       f"{' (best)' if record['is_best'] else ''}, lr {record['lr']:.2e}, {record['epoch_time']:.0f}s")
+
+        try:
+            trainer.fit(on_epoch)
+        except Diverged as e:
+            # Keep going: best.pt, from before the divergence, is still a model worth testing.
+            tqdm.write(f"{c.name}: {e}; evaluating its best checkpoint")
+            return _summary(c, trainer, run_dir, failure=str(e))
+        finally:
+            tensorboard.close()
+    why = (f"stopped early: no better validation accuracy for {cfg.patience} epochs" if trainer.stopped_early
+           else f"ran all {cfg.epochs} epochs")
+    tqdm.write(f"{c.name}: {trainer.epoch} epochs, {why}; best val acc {trainer.best_acc:.4f} "
+               f"at epoch {trainer.best_epoch}")
+    return _summary(c, trainer, run_dir)
+
+
+def _summary(c: Candidate, trainer: Trainer, run_dir: str, failure: str = "") -> dict:
+    plot_curves(trainer.history, os.path.join(run_dir, "curves.png"),
+                f"{c.name}: best val acc {trainer.best_acc:.4f} at epoch {trainer.best_epoch}")
+    return {"model": c.name, "source": c.source, "config": c.config.to_dict(), "stage1_val_acc": c.stage1_val_acc,
+            "epochs_run": trainer.epoch, "max_epochs": c.config.epochs, "stopped_early": trainer.stopped_early,
+            "failure": failure}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{100 * x:.2f} %"
+
+
+def plot_comparison(rows: list, path: str):
+    """Test accuracy and macro precision, recall and F1, grouped by model."""
+    import matplotlib.pyplot as plt  # report.py has already chosen the Agg backend
+    import numpy as np
+
+    metrics = [("test_acc", "accuracy"), ("precision", "macro precision"), ("recall", "macro recall"),
+               ("f1", "macro F1")]
+    x = np.arange(len(rows))
+    width = 0.8 / len(metrics)
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(rows) + 2), 4.5))
+    for k, (key, label) in enumerate(metrics):
+        values = [100 * r[key] for r in rows]
+        bars = ax.bar(x + (k - (len(metrics) - 1) / 2) * width, values, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    lowest = min(100 * r[key] for r in rows for key, _ in metrics)
+    # Models a few points apart look identical on a 0-100 axis; start just below the lowest bar.
+    ax.set_ylim(max(0, 10 * (lowest // 10) - 10), 104)  # 104: room for the labels of bars near 100
+    ax.set_xticks(x, [r["model"] for r in rows])
+    ax.set(ylabel="% on the test set", title="Stage 2: test-set metrics per model")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(metrics), fontsize=8)  # below: never over a bar
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(rows: list, out_dir: str, args):
+    tested = [r for r in rows if r.get("test_acc") is not None]
+    if tested:
+        plot_comparison(tested, os.path.join(out_dir, "comparison.png"))
+    n_test = tested[0]["test_images"] if tested else 0
+    lines = [
+        "# Stage 2: final models on the CIFAR-10 test set", "",
+        f"{len(rows)} model(s), each retrained from scratch on all training images but the 5,000 held out for "
+        f"validation, with early stopping on those (patience {args.patience}, at most {args.epochs} epochs), "
+        f"then tested once, at its best validation epoch, on the {n_test:,} test images. "
+        f"Code version `{code_version()}`.", "",
+        "| model | test acc | macro precision | macro recall | macro F1 | best val acc | val − test | epochs run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        run = f"{r['epochs_run']} of {r['max_epochs']}" + (", stopped early" if r["stopped_early"] else "")
+        if r.get("test_acc") is None:
+            lines.append(f"| {r['model']} | not tested | | | | | | {run}: {r['failure']} |")
+            continue
+        gap = f"{100 * (r['best_val_acc'] - r['test_acc']):+.2f} points"
+        lines.append(f"| {r['model']} | {_pct(r['test_acc'])} | {_pct(r['precision'])} | {_pct(r['recall'])} | "
+                     f"{_pct(r['f1'])} | {_pct(r['best_val_acc'])} (epoch {r['best_epoch']}) | {gap} | {run} |")
+    if tested:
+        lines += ["", "![test accuracy, macro precision, recall and F1 per model](comparison.png)"]
+    for r in rows:
+        cfg = " ".join(f"`{k}={v}`" for k, v in r["config"].items())
+        stage1 = (f" Its stage-1 validation accuracy was {_pct(r['stage1_val_acc'])}."
+                  if r["stage1_val_acc"] is not None else "")
+        why = (f"stopped early after {r['epochs_run']} epochs without a better validation accuracy for "
+               f"{r['config']['patience']}" if r["stopped_early"]
+               else f"trained {r['epochs_run']} of {r['max_epochs']} epochs")
+        lines += ["", f"## {r['model']}", "", f"From {r['source']}.{stage1}", "", f"Configuration: {cfg}", ""]
+        if r["failure"]:
+            lines += [f"Training failed: {r['failure']}.", ""]
+        if r.get("test_acc") is None:
+            lines += [f"![training curves]({r['model']}/curves.png)"]
+            continue
+        lines += [
+            f"It {why}; its best validation accuracy, {_pct(r['best_val_acc'])}, came at epoch {r['best_epoch']}. "
+            f"On the test set: accuracy {_pct(r['test_acc'])}, macro precision {_pct(r['precision'])}, "
+            f"recall {_pct(r['recall'])}, F1 {_pct(r['f1'])}; validation minus test "
+            f"{100 * (r['best_val_acc'] - r['test_acc']):+.2f} points.", "",
+            f"![training and validation curves]({r['model']}/curves.png)", "",
+            f"![confusion matrix, counts and row-normalised]({r['model']}/confusion_matrix.png)", "",
+            f"[metrics.json]({r['model']}/metrics.json) · "
+            f"[confusion_matrix.csv]({r['model']}/confusion_matrix.csv)", "",
+            "```", r["classification_report"].rstrip(), "```",
+        ]
+    write_text(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
+    write_json(os.path.join(out_dir, "summary.json"), [{k: v for k, v in r.items() if k != "classification_report"}
+                                                        for r in rows])
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--trials", type=int, nargs="+", metavar="N", default=None,
+                       help="retrain these stage-1 trials by number instead of the top k (default: the top k)")
+    which.add_argument("--config", metavar="FILE.json", default=None,
+                       help="retrain the configuration(s) in this JSON file (one object or a list, in the keys of "
+                            "top3.json's params, or whole top3.json entries); no study needed (default: none)")
+    p.add_argument("--top-k", type=int, default=3, help="completed stage-1 trials to retrain, best first (default: 3)")
+    p.add_argument("--epochs", type=int, default=120, help="most epochs per model (default: 120)")
+    p.add_argument("--patience", type=int, default=15,
+                   help="stop a model after this many epochs without a better validation accuracy (default: 15)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start every model over instead of continuing from its last.pt")
+    p.add_argument("--data-dir", default="data",
+                   help="folder holding (or to receive) cifar-10-batches-py/ (default: data)")
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading CIFAR-10")
+    p.add_argument("--results", default="results",
+                   help="output folder: reads stage 1's study there, writes RESULTS/stage2/ (default: results)")
+    p.add_argument("--storage", default=None,
+                   help="stage 1's Optuna storage: an RDB URL or a journal file path "
+                        "(default: sqlite:///RESULTS/stage1.db)")
+    p.add_argument("--study-name", default="vit-cifar10",
+                   help="stage 1's study name in the storage (default: vit-cifar10)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu (default: auto)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays on GPUs for long runs)")
+    args = p.parse_args(argv)
+    for name in ("top_k", "epochs", "patience"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.trials is not None and min(args.trials) < 0:
+        p.error(f"--trials takes trial numbers (0 or more), got {min(args.trials)}")
+    if args.storage is None:
+        args.storage = f"sqlite:///{os.path.join(args.results, 'stage1.db')}"
+    return args
+
+
+def run(args, ds=None) -> list:
+    """Train, test and report every chosen configuration; `ds` (tests) replaces CIFAR-10. Returns the rows."""
+    device = resolve_device(args.device)
+    # Configurations first: a missing study should fail in a second, not after loading the data.
+    candidates = candidates_from_file(args.config, args) if args.config else candidates_from_study(args)
+    tqdm.write(f"stage 2: {len(candidates)} model(s): {', '.join(c.name for c in candidates)}")
+    if ds is None:
+        ds = load_cifar10(args.data_dir, download=not args.no_download)
+    splits = train_val_splits(ds, subset_ratio=1.0, device=device)
+    out_dir = os.path.join(args.results, "stage2")
+    rows = []
+    for c in candidates:
+        row = train_model(c, splits, args, device, out_dir)
+        best = os.path.join(out_dir, c.name, "best.pt")
+        if os.path.isfile(best):
+            m = evaluate_checkpoint(best, ds, device)
+            with open(os.path.join(out_dir, c.name, "classification_report.txt")) as f:
+                report = f.read()
+            row.update(test_acc=m["accuracy"], precision=m["macro"]["precision"], recall=m["macro"]["recall"],
+                       f1=m["macro"]["f1"], best_val_acc=m["val_acc"], best_epoch=m["epoch"],
+                       test_images=m["test_images"], classification_report=report)
+            tqdm.write(f"{c.name}: test accuracy {m['accuracy']:.4f} (best val acc {m['val_acc']:.4f}), "
+                       f"macro F1 {m['macro']['f1']:.4f}")
+        rows.append(row)
+    write_report(rows, out_dir, args)
+    tqdm.write(f"done: report in {os.path.join(out_dir, 'report.md')}")
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted: each model's last.pt holds its last finished epoch; run the same command to continue",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
