@@ -20,8 +20,8 @@ from torchvision.transforms import InterpolationMode
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-# RandAugment's ops in torchvision's order; an op's position is its id. The geometric ops are ids 1..5 and the
-# signed ones 1..9, which lets a batch sorted by op id treat each group as one contiguous chunk.
+# RandAugment's ops in torchvision's order; an op's position is its id. Ids 1..5 are the geometric ops, so a batch
+# sorted by op id holds them in one contiguous chunk that a single gather resamples.
 OP_NAMES = (
     "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
     "Brightness", "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
@@ -46,11 +46,12 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, 
     padded = F.pad(x.contiguous(), (padding,) * 4)  # contiguous: the row arithmetic below assumes NCHW layout
     ph, pw = h + 2 * padding, w + 2 * padding
     # Each output row is a run of w consecutive bytes of the padded batch, so one index_select of rows from the view
-    # of all length-w windows does every crop: far cheaper than a per-pixel gather, whose index alone is 8x the batch.
+    # of all length-w windows does every crop: far cheaper than a per-pixel gather, whose int64 index would
+    # outweigh the batch itself.
     rows = torch.arange(b * c, device=dev).view(b, c, 1) * ph + corner[0] + torch.arange(h, device=dev)
     windows = padded.view(-1).unfold(0, w, 1)
     crops = windows.index_select(0, (rows * pw + corner[1]).view(-1)).view(b, c, h, w)
-    # Pick each sample's crop or its mirror; torch.where and index_copy_ are several times slower on CPU.
+    # Pick each sample's crop or its mirror; torch.where (several times) and index_copy_ are slower on CPU.
     return torch.cat([crops, crops.flip(-1)]).index_select(0, torch.arange(b, device=dev) + b * flip)
 
 
@@ -119,13 +120,14 @@ def _remap(img: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def _blend_factors(mags: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """float32 (4 blend ops, 2 signs [+, -], 2): torchvision's blend ratio 1.0 + m and its complement 1.0 - ratio,
-    formed in float64 as there and only then rounded to float32, so that the blends round identically."""
+    """float32 (4 blend ops, 2 signs [+, -], 2, 1, 1, 1): torchvision's blend ratio 1.0 + m and its complement
+    1.0 - ratio, formed in float64 as there and only then rounded to float32, so that the blends round identically.
+    The trailing singleton dims broadcast over (C, H, W)."""
     factors = []
     for op in _BLEND_OPS:
         ratios = (1.0 + mags[op], 1.0 + -mags[op])
         factors.append([[r, 1.0 - r] for r in ratios])
-    return torch.tensor(factors, dtype=torch.float32, device=device)
+    return torch.tensor(factors, dtype=torch.float32, device=device).view(len(_BLEND_OPS), 2, 2, 1, 1, 1)
 
 
 def _to_uint8(f: torch.Tensor) -> torch.Tensor:
@@ -164,7 +166,7 @@ def _sharpness(img: torch.Tensor, ratio: torch.Tensor, complement: torch.Tensor)
     s.add_(f[:, :, 1:-1, 1:-1], alpha=4).div_(13).round_()
     blurred = f.clone()  # the one-pixel border is left unblurred, as in torchvision
     blurred[:, :, 1:-1, 1:-1] = s
-    return _blend(img, blurred, ratio, complement)
+    return _blend(f, blurred, ratio, complement)
 
 
 def _autocontrast(img: torch.Tensor) -> torch.Tensor:
@@ -178,29 +180,31 @@ def _autocontrast(img: torch.Tensor) -> torch.Tensor:
 
 
 def _equalize(img: torch.Tensor) -> torch.Tensor:
-    """torchvision's per-channel _scale_channel, for all images and channels at once."""
+    """torchvision's per-channel _scale_channel, for all images and channels at once.
+
+    Counts are integers below H*W, exact in float32 (for H*W < 2**24), and so are the floors of their quotients;
+    float32 is used because int64 division is not vectorised on CPU.
+    """
     n, c, h, w = img.shape
     pixels = img.reshape(n * c, h * w).long()
-    hist = torch.zeros(n * c, 256, dtype=torch.long, device=img.device)
-    hist.scatter_add_(1, pixels, torch.ones_like(pixels))
+    hist = torch.zeros(n * c, 256, device=img.device)
+    hist.scatter_add_(1, pixels, torch.ones(1, device=img.device).expand(n * c, h * w))
     # torchvision's step sums every non-empty bin but the last, i.e. all pixels but those of the brightest value.
     brightest = hist.gather(1, img.reshape(n * c, h * w).amax(dim=1, keepdim=True).long())
-    step = (h * w - brightest) // 255
+    step = (h * w - brightest).div_(255).floor_()
     # lut[v] = (number of pixels below v + step // 2) // step: torchvision's cumsum shifted right by one bin.
-    below = hist.cumsum(1) - hist
-    lut = ((below + step // 2) // step.clamp(min=1)).clamp_(max=255).to(torch.uint8)
+    lut = (hist.cumsum(1) - hist + (step / 2).floor_()).div_(step).floor_()
     # step == 0 (fewer than 255 pixels off the brightest value) leaves the channel unchanged in torchvision.
-    identity = torch.arange(256, device=img.device, dtype=torch.uint8)
-    lut = torch.where(step == 0, identity, lut)
-    return lut.gather(1, pixels).view(n, c, h, w)
+    lut = torch.where(step > 0, lut, torch.arange(256, dtype=torch.float32, device=img.device))
+    return _to_uint8(lut).gather(1, pixels).view(n, c, h, w)
 
 
 def _colour_op(img: torch.Tensor, op: int, neg: torch.Tensor, mags: tuple[float, ...]) -> torch.Tensor:
     """Op `op` (not geometric, not Identity) on a chunk of images; neg: long (n,), 1 where the magnitude is negated."""
     name = OP_NAMES[op]
     if op in _BLEND_OPS:
-        ratio, complement = _blend_factors(mags, img.device)[op - _BLEND_OPS.start].index_select(0, neg).T
-        ratio, complement = ratio.view(-1, 1, 1, 1), complement.view(-1, 1, 1, 1)
+        factors = _blend_factors(mags, img.device)[op - _BLEND_OPS.start].index_select(0, neg)
+        ratio, complement = factors[:, 0], factors[:, 1]
         if name == "Brightness":
             return _blend(img, None, ratio, complement)
         if name == "Color":
@@ -233,7 +237,7 @@ def _apply_ops(
     _, _, h, w = x.shape
     mags = _magnitudes(magnitude, num_magnitude_bins, h, w)
     # Sorting by op id makes each op's samples one contiguous chunk: the chunk bounds cost one host sync in all,
-    # rather than one boolean selection (and sync) per op.
+    # rather than one boolean selection (and sync) per op. The geometric ops (ids 1..5) share one chunk.
     order = torch.argsort(op_idx)
     ops = op_idx[order]
     neg = negate[order].long()
