@@ -34,6 +34,7 @@ def write_text(path: str, text: str):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared machine
     os.replace(tmp, path)
 
 

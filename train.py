@@ -217,7 +217,7 @@ class Trainer:
             self.scheduler.step()
             # Accumulate on the device: a .item() per step would stall a GPU.
             loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == targets.argmax(1)).sum()
+            correct += (logits.argmax(1) == y).sum()  # with mixup: against the unmixed label
             seen += len(y)
             if i % 20 == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
