@@ -127,6 +127,22 @@ def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
 
 
+CPU_ACTIVATION_BUDGET = 2**30  # bytes of saved activations per micro-batch on a CPU
+
+
+def cpu_micro_batch(cfg: TrainConfig) -> int:
+    """Samples per forward/backward on a CPU, so that a stage-1 run stays under 2.5 GB of RAM.
+
+    Saved activations take about 128 bytes per token, channel and block (measured: 37 MB per
+    sample for patch 2, width 192, depth 6, i.e. 4.7 GB for a batch of 128). The seed's best
+    shape fits whole (5.5 MB per sample); the largest shapes run as a few micro-batches, which
+    costs nothing in speed on a CPU and gives the same gradients.
+    """
+    vit = cfg.vit_config()
+    per_sample = 128 * (vit.num_patches + 1) * vit.embed_dim * vit.depth
+    return max(1, min(cfg.batch_size, CPU_ACTIVATION_BUDGET // per_sample))
+
+
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, loader: DeviceLoader, amp: bool = False, return_preds: bool = False):
     """Mean loss and accuracy over every sample of the loader (and the predictions, if asked)."""
@@ -152,7 +168,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, train_images, train_labels, val_images, val_labels,
                  device: torch.device, amp: bool | None = None, fused: bool | None = None, compile: bool = False,
-                 progress: bool = True):
+                 micro_batch: int | None = None, progress: bool = True):
         self.cfg, self.device, self.progress = cfg, device, progress
         # bf16 autocast and the fused AdamW kernel pay on GPUs; on a CPU without bf16 units bf16 is
         # emulated and 4x slower, and fused AdamW is within noise. None: on for CUDA only.
@@ -160,10 +176,13 @@ class Trainer:
         fused = device.type == "cuda" if fused is None else fused
         seed_everything(cfg.seed)
         self.train_loader = DeviceLoader(train_images, train_labels, cfg.batch_size, train=True, augment=cfg.augment)
-        self.val_loader = DeviceLoader(val_images, val_labels, max(cfg.batch_size, 500), train=False)
+
         self.model = ViT(cfg.vit_config()).to(device)
         self.step_model = torch.compile(self.model) if compile else self.model
         self.optimizer = make_optimizer(self.model, cfg, fused=fused and cfg.optimizer == "adamw")
+        self.micro_batch = micro_batch or (cfg.batch_size if device.type != "cpu" else cpu_micro_batch(cfg))
+        # Inference keeps no activations, so 4x the training micro-batch fits the same memory.
+        self.val_loader = DeviceLoader(val_images, val_labels, min(500, 4 * self.micro_batch), train=False)
         steps = len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg, steps))
         self.epoch = 0  # epochs completed
@@ -206,18 +225,20 @@ class Trainer:
                    disable=None if self.progress else True, unit="batch")
         for i, (x, y) in enumerate(bar):
             x, targets = mixup(x, y, cfg.mixup_alpha)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                logits = model(x)
-            loss = loss_fn(logits.float(), targets)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # Gradients of micro-batches, each weighted by its share, add up to the whole batch's.
+            for xm, tm, ym in zip(x.split(self.micro_batch), targets.split(self.micro_batch), y.split(self.micro_batch)):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    logits = model(xm)
+                loss = loss_fn(logits.float(), tm) * (len(ym) / len(y))
+                loss.backward()
+                # Accumulate on the device: a .item() per step would stall a GPU.
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.argmax(1) == ym).sum()  # with mixup: against the unmixed label
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
-            # Accumulate on the device: a .item() per step would stall a GPU.
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()  # with mixup: against the unmixed label
             seen += len(y)
             if i % 20 == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")

@@ -4,7 +4,7 @@ import torch
 import train
 from conftest import REAL_DATA, needs_real_data, synthetic_splits
 from data import load_cifar10, train_val_splits
-from train import Diverged, TrainConfig, Trainer, lr_factor, pick_device
+from train import Diverged, TrainConfig, Trainer, cpu_micro_batch, lr_factor, pick_device
 
 TINY = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, batch_size=64, warmup_epochs=1)
 
@@ -108,3 +108,18 @@ def test_seed_best_shape_learns_real_cifar10_in_two_epochs():
                       device=torch.device("cpu"), progress=False)
     history = trainer.fit()
     assert history[-1]["val_acc"] >= 0.30, history
+
+
+def test_micro_batches_give_the_same_training_as_whole_batches():
+    whole = make_trainer(epochs=2, drop_path=0.0, mixup_alpha=0.1).fit()
+    trainer = make_trainer(epochs=2, drop_path=0.0, mixup_alpha=0.1)
+    trainer.micro_batch = 24  # 64 = 24 + 24 + 16: uneven on purpose
+    split = trainer.fit()
+    assert [r["train_loss"] for r in split] == pytest.approx([r["train_loss"] for r in whole], rel=1e-5)
+    assert [r["val_loss"] for r in split] == pytest.approx([r["val_loss"] for r in whole], rel=1e-5)
+
+
+def test_cpu_micro_batch_splits_only_the_big_shapes():
+    assert cpu_micro_batch(TrainConfig(patch_size=4, embed_dim=128, depth=6, batch_size=128)) == 128
+    largest = cpu_micro_batch(TrainConfig(patch_size=2, embed_dim=192, depth=6, batch_size=128))
+    assert 8 <= largest < 64
