@@ -165,3 +165,29 @@ def test_cli_rejects_bad_flags_and_missing_data_with_one_line(tmp_path):
     help_text = subprocess.run([sys.executable, "stage1_search.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
     for flag in ("--trials", "--storage", "--study-name", "--jobs", "--subset", "--data-dir", "--heartbeat"):
         assert flag in help_text
+
+
+def test_ctrl_c_marks_the_running_trial_failed_and_keeps_the_finished_ones(tmp_path):
+    import signal
+    import time
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
+    url = f"sqlite:///{tmp_path}/stage1.db"
+    proc = subprocess.Popen([sys.executable, str(script), "--results", str(tmp_path), "--trials", "3",
+                             "--epochs", "100", "--patience", "100"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until the first trial has finished an epoch
+        time.sleep(1)
+        try:
+            trials = optuna.load_study(study_name="vit-cifar10", storage=url).trials
+        except Exception:  # the study is not created yet
+            continue
+        if trials and trials[0].user_attrs.get("history"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode != 0 and "interrupted" in out, out
+    trials = optuna.load_study(study_name="vit-cifar10", storage=url).trials
+    assert len(trials) == 1 and trials[0].state == TrialState.FAIL
+    assert (tmp_path / "stage1" / "summary.md").read_text().count("| FAIL |") == 1
