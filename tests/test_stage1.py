@@ -42,7 +42,7 @@ def test_search_space_is_the_seeds():
 
 
 def test_end_to_end_writes_study_attrs_reports_and_plots(tmp_path):
-    study = run(small_args(tmp_path, "--trials", "3"), splits=tiny_splits())
+    run(small_args(tmp_path, "--trials", "3"), splits=tiny_splits())
     db = tmp_path / "stage1.db"
     assert db.exists()
     loaded = optuna.load_study(study_name="vit-cifar10", storage=f"sqlite:///{db}")
