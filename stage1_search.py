@@ -56,7 +56,15 @@ def make_storage(url: str, heartbeat: int):
     marked FAIL by the next worker and re-queued once (RetryHeartbeatStaleTrialCallback), and the
     retry continues from the dead trial's last checkpoint. Journal files have no heartbeat, so
     `fail_dead_local_trials` does the same for dead processes on this machine.
+    Any failure (a bad URL, a missing driver, an unreachable server, a foreign file) is a StorageError.
     """
+    try:
+        return _make_storage(url, heartbeat)
+    except Exception as e:
+        raise StorageError(f"cannot open Optuna storage {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _make_storage(url: str, heartbeat: int):
     if "://" not in url:
         from optuna.storages.journal import JournalFileBackend
 
@@ -280,11 +288,12 @@ def run(args, splits=None):
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line of ours per trial instead
     out_dir = os.path.join(args.results, "stage1")
     device = pick_device(args.device)
+    storage = make_storage(args.storage, args.heartbeat)
     try:
-        storage = make_storage(args.storage, args.heartbeat)
         study = make_study(storage, args.study_name, args.seed)
-    except Exception as e:  # a bad URL, a missing driver, an unreachable server: one line, not a traceback
-        raise StorageError(f"cannot open Optuna storage {args.storage!r}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # RDB storages may connect lazily: a server that went away fails here
+        raise StorageError(f"cannot open Optuna storage {args.storage!r}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0]}") from None
     if splits is None:
         ds = load_cifar10(args.data_dir, download=not args.no_download)
         splits = train_val_splits(ds, subset_ratio=args.subset)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from data import DataError, load_cifar10, train_val_splits
 from evaluate import evaluate_checkpoint, load_checkpoint, resolve_device
 from report import TensorBoardLogger, code_version, plot_curves, write_json, write_text
-from stage1_search import completed_by_value, make_storage
+from stage1_search import StorageError, completed_by_value, make_storage
 from train import Diverged, TrainConfig, Trainer
 
 CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
@@ -54,16 +54,16 @@ def open_study(args) -> optuna.Study:
     # make_storage would create a missing SQLite or journal file, and then report an empty study.
     path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else (url if "://" not in url else None)
     if path is not None and not os.path.isfile(path):
-        raise DataError(f"no stage-1 storage at {path}; run stage1_search.py first, point --storage (or --results) "
+        raise StorageError(f"no stage-1 storage at {path}; run stage1_search.py first, point --storage (or --results) "
                         f"at its output, or pass --config")
+    storage = make_storage(url, heartbeat=60)
     try:
-        storage = make_storage(url, heartbeat=60)
         names = optuna.study.get_all_study_names(storage)
-    except Exception as e:  # a bad URL, a missing driver, an unreachable server, a foreign file
-        raise DataError(f"cannot open Optuna storage {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # RDB storages may connect lazily
+        raise StorageError(f"cannot open Optuna storage {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     if args.study_name not in names:
         held = ", ".join(repr(n) for n in names) or "none"
-        raise DataError(f"no study {args.study_name!r} in {url} (it holds: {held}); pass --study-name")
+        raise StorageError(f"no study {args.study_name!r} in {url} (it holds: {held}); pass --study-name")
     return optuna.load_study(study_name=args.study_name, storage=storage)
 
 
@@ -74,19 +74,19 @@ def candidates_from_study(args) -> list:
         by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
         missing = [n for n in args.trials if n not in by_number]
         if missing:
-            raise DataError(f"{where} has no trial {', '.join(map(str, missing))} "
-                            f"(its trials are numbered 0 to {len(by_number) - 1})")
+            raise StorageError(f"{where} has no trial {', '.join(map(str, missing))} "
+                               f"(its trials are numbered 0 to {len(by_number) - 1})")
         chosen = [by_number[n] for n in dict.fromkeys(args.trials)]  # a number given twice trains once
         for t in chosen:
             if not t.params:
-                raise DataError(f"trial {t.number} of {where} is {t.state.name} and has no configuration yet")
+                raise StorageError(f"trial {t.number} of {where} is {t.state.name} and has no configuration yet")
             if t.state != TrialState.COMPLETE:
                 tqdm.write(f"note: trial {t.number} is {t.state.name}, not COMPLETE; retraining it as asked")
     else:
         completed = completed_by_value(study)
         if not completed:
-            raise DataError(f"{where} has no completed trial yet ({len(study.trials)} trials in all); "
-                            f"let stage1_search.py finish one, or pass --config")
+            raise StorageError(f"{where} has no completed trial yet ({len(study.trials)} trials in all); "
+                               f"let stage1_search.py finish one, or pass --config")
         chosen = completed[:args.top_k]
         if len(chosen) < args.top_k:
             tqdm.write(f"note: {where} has only {len(chosen)} completed trial(s); retraining those instead of "
@@ -373,7 +373,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except DataError as e:
+    except (DataError, StorageError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print("interrupted: each model's last.pt holds its last finished epoch; run the same command to continue",

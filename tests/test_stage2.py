@@ -15,7 +15,7 @@ import train
 from conftest import synthetic_splits
 from data import CIFAR10, DataError
 from report import TensorBoardLogger
-from stage1_search import make_storage, write_reports
+from stage1_search import StorageError, make_storage, write_reports
 from stage2_final import parse_args, run
 from train import TrainConfig, Trainer
 
@@ -177,15 +177,17 @@ def test_a_malicious_last_checkpoint_is_refused(tmp_path, ds):
 
 
 def test_missing_or_empty_studies_give_one_line_errors(tmp_path, ds):
-    with pytest.raises(DataError, match="no stage-1 storage at"):
+    with pytest.raises(StorageError, match="no stage-1 storage at"):
         run(args_for(tmp_path), ds=ds)
     assert not (tmp_path / "stage1.db").exists()  # looking must not create an empty storage
+    with pytest.raises(StorageError, match="cannot open Optuna storage 'bogus://nowhere'"):
+        run(args_for(tmp_path, "--storage", "bogus://nowhere"), ds=ds)
     tiny_study(tmp_path, [(TrialState.PRUNED, None, 1e-3), (TrialState.FAIL, None, 2e-3)])
-    with pytest.raises(DataError, match="no study 'other'.*'vit-cifar10'"):
+    with pytest.raises(StorageError, match="no study 'other'.*'vit-cifar10'"):
         run(args_for(tmp_path, "--study-name", "other"), ds=ds)
-    with pytest.raises(DataError, match="has no completed trial"):
+    with pytest.raises(StorageError, match="has no completed trial"):
         run(args_for(tmp_path), ds=ds)
-    with pytest.raises(DataError, match="has no trial 7"):
+    with pytest.raises(StorageError, match="has no trial 7"):
         run(args_for(tmp_path, "--trials", "0", "7"), ds=ds)
 
 
