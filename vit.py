@@ -104,7 +104,7 @@ class DropPath(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.p  # one draw per sample
-        return x * keep.to(x.dtype) / (1.0 - self.p)
+        return x * (keep.to(x.dtype) / (1.0 - self.p))  # scale the (B, 1, 1) mask: one full-size op, not two
 
 
 class Block(nn.Module):
