@@ -5,7 +5,8 @@
 1. augmentation alone: our batched per-sample pipeline vs torchvision's PIL transforms in a
    DataLoader with one worker per core;
 2. the model step alone (forward, backward, optimizer step): images/s and MFU, the achieved
-   FLOP/s over this device's measured dense matmul peak (fp32 on CPU, bf16 on GPU);
+   FLOP/s over this device's measured dense matmul peak (fp32 on CPU, bf16 on GPU), next to timm's
+   VisionTransformer of the same shape when timm is installed (`pip install timm`; optional);
 3. a real training epoch end to end: ours vs the PIL DataLoader feeding the same eager fp32 model;
 4. the peak memory of each (RSS on CPU, torch.cuda.max_memory_allocated on GPU).
 Each end-to-end run happens in a fresh process, so that its peak memory is its own.
@@ -14,6 +15,7 @@ Each end-to-end run happens in a fresh process, so that its peak memory is its o
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -128,13 +130,9 @@ def bench_baseline_aug(x, y, device, quick):
     return n * BATCH / (time.perf_counter() - t0)
 
 
-def make_step(shape: dict, device):
-    """Forward, backward and optimizer step on a ready batch, set up as Trainer does."""
-    cfg = TrainConfig(**shape)
-    torch.manual_seed(0)
-    model = ViT(cfg.vit_config()).to(device).train()
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device):
+    """Forward, backward and optimizer step on one ready batch: bf16 autocast on GPU, fp32 on CPU."""
     amp = device.type == "cuda"
-    opt = make_optimizer(model, cfg, fused=amp)
     x = torch.randn(BATCH, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (BATCH,), device=device)
 
@@ -145,7 +143,30 @@ def make_step(shape: dict, device):
         loss.backward()
         opt.step()
 
-    return step, 3 * count_flops(cfg.vit_config()) * BATCH  # FLOPs per step: backward = 2x forward
+    return step
+
+
+def make_step(shape: dict, device):
+    """Our model's step, set up as Trainer does; and its FLOPs."""
+    cfg = TrainConfig(**shape)
+    torch.manual_seed(0)
+    model = ViT(cfg.vit_config()).to(device).train()
+    opt = make_optimizer(model, cfg, fused=device.type == "cuda")
+    return train_step(model, opt, device), 3 * count_flops(cfg.vit_config()) * BATCH  # backward = 2x forward
+
+
+def make_timm_step(shape: dict, device):
+    """The reference for the model step: timm's VisionTransformer of the same shape, AdamW, set up
+    like ours. None when timm is not installed (it is optional)."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=shape["patch_size"], embed_dim=shape["embed_dim"],
+                              depth=shape["depth"], num_heads=shape["num_heads"], num_classes=10).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=(device.type == "cuda") or None)
+    return train_step(model, opt, device)
 
 
 def step_rate(step, device, steps: int) -> float:
@@ -183,19 +204,25 @@ class Baseline:
 
 
 def bench_e2e(x, y, device, rounds: int) -> dict:
-    """Ours, the baseline and the bare model step, measured in turns, so that the drift of a shared
-    machine (10-15 % here) hits all three alike; medians over the rounds."""
+    """Ours, the baseline, the bare model step (and timm's, if installed), measured in turns, so that
+    the drift of a shared machine (10-15 % here) hits all alike, in a new seeded order each round, so that
+    none always runs after the same neighbour. Medians over the rounds."""
     cfg = TrainConfig(**SEED_BEST, batch_size=BATCH)
     ours = Trainer(cfg, x.to(device), y.to(device), x[:BATCH].to(device), y[:BATCH].to(device), device, progress=False)
     baseline = Baseline(x, y, device)
     step, flops = make_step(SEED_BEST, device)
     steps = len(x) // BATCH
-    rates = {"step": [], "ours": [], "baseline": []}
+    runs = {"step": lambda: step_rate(step, device, steps), "ours": lambda: ours.train_epoch()["train_img_s"],
+            "baseline": baseline.epoch}
+    timm_step = make_timm_step(SEED_BEST, device)
+    if timm_step is not None:
+        runs["timm_step"] = lambda: step_rate(timm_step, device, steps)
+    names = list(runs)
+    rates = {k: [] for k in names}
     for i in range(1 + rounds):  # round 0 warms everything up and is not counted
-        r = {"step": step_rate(step, device, steps), "ours": ours.train_epoch()["train_img_s"],
-             "baseline": baseline.epoch()}
-        for k in rates:
-            rates[k] += [r[k]] if i else []
+        for k in random.Random(i).sample(names, len(names)):
+            rate = runs[k]()
+            rates[k] += [rate] if i else []
     result = {k: statistics.median(v) for k, v in rates.items()}
     result["step_flops"] = flops * result["step"] / BATCH
     return result
@@ -257,8 +284,11 @@ def main(argv=None):
     r["matmul_peak_tflops"] = peak / 1e12
     r["aug_img_s"] = bench_aug(x, device, args.quick)
     r["baseline_aug_img_s"] = bench_baseline_aug(x[:2048], y[:2048], device, args.quick)
-    e2e = bench_e2e(x[:e2e_n], y[:e2e_n], device, rounds=3 if args.quick else 5)
+    e2e = bench_e2e(x[:e2e_n], y[:e2e_n], device, rounds=5 if args.quick else 7)
     r["step_img_s"], r["step_mfu"] = e2e["step"], e2e["step_flops"] / peak
+    if "timm_step" in e2e:  # same shape, same FLOPs
+        r["step_img_s_timm"] = e2e["timm_step"]
+        r["step_mfu_timm"] = r["step_mfu"] * e2e["timm_step"] / e2e["step"]
     step, flops = make_step(LARGEST, device)
     step()  # warm-up
     r["step_img_s_largest"] = step_rate(step, device, steps=2 if cpu and args.quick else 8)
@@ -276,6 +306,8 @@ def main(argv=None):
         ("augmentation, ours", f"{r['aug_img_s']:,.0f} img/s", f"{r['aug_img_s'] / r['baseline_aug_img_s']:.1f}x baseline"),
         ("augmentation, PIL DataLoader", f"{r['baseline_aug_img_s']:,.0f} img/s", f"{os.cpu_count()} workers"),
         ("model step, seed's best shape", f"{r['step_img_s']:,.0f} img/s", f"MFU {100 * r['step_mfu']:.1f} %"),
+        ("model step, timm reference", f"{r['step_img_s_timm']:,.0f} img/s" if "step_img_s_timm" in r else "-",
+         f"MFU {100 * r['step_mfu_timm']:.1f} %" if "step_img_s_timm" in r else "timm not installed"),
         ("model step, largest shape", f"{r['step_img_s_largest']:,.0f} img/s", f"MFU {100 * r['step_mfu_largest']:.1f} %"),
         ("end to end, ours", f"{r['e2e_img_s']:,.0f} img/s", f"{100 * r['e2e_over_step']:.1f} % of model step"),
         ("end to end, PIL DataLoader", f"{r['baseline_e2e_img_s']:,.0f} img/s", f"ours / baseline = {r['e2e_ratio']:.2f}x"),
