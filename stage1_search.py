@@ -49,6 +49,11 @@ class StorageError(RuntimeError):
     """The Optuna storage cannot be opened; the message says which and why."""
 
 
+def storage_error(url: str, e: Exception) -> StorageError:
+    first_line = (str(e).splitlines() or [""])[0]  # drivers add pages of SQL and links below it
+    return StorageError(f"cannot open Optuna storage {url!r}: {type(e).__name__}: {first_line}")
+
+
 def make_storage(url: str, heartbeat: int):
     """An RDB URL (sqlite:///, postgresql://, mysql://) or a path to a journal file.
 
@@ -61,7 +66,7 @@ def make_storage(url: str, heartbeat: int):
     try:
         return _make_storage(url, heartbeat)
     except Exception as e:
-        raise StorageError(f"cannot open Optuna storage {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise storage_error(url, e) from None
 
 
 def _make_storage(url: str, heartbeat: int):
@@ -292,8 +297,7 @@ def run(args, splits=None):
     try:
         study = make_study(storage, args.study_name, args.seed)
     except Exception as e:  # RDB storages may connect lazily: a server that went away fails here
-        raise StorageError(f"cannot open Optuna storage {args.storage!r}: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0]}") from None
+        raise storage_error(args.storage, e) from None
     if splits is None:
         ds = load_cifar10(args.data_dir, download=not args.no_download)
         splits = train_val_splits(ds, subset_ratio=args.subset)

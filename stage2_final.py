@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from data import DataError, load_cifar10, train_val_splits
 from evaluate import evaluate_checkpoint, load_checkpoint, resolve_device
 from report import TensorBoardLogger, code_version, plot_curves, write_json, write_text
-from stage1_search import StorageError, completed_by_value, make_storage
+from stage1_search import StorageError, completed_by_value, make_storage, storage_error
 from train import Diverged, TrainConfig, Trainer
 
 CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
@@ -55,12 +55,12 @@ def open_study(args) -> optuna.Study:
     path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else (url if "://" not in url else None)
     if path is not None and not os.path.isfile(path):
         raise StorageError(f"no stage-1 storage at {path}; run stage1_search.py first, point --storage (or --results) "
-                        f"at its output, or pass --config")
+                           f"at its output, or pass --config")
     storage = make_storage(url, heartbeat=60)
     try:
         names = optuna.study.get_all_study_names(storage)
     except Exception as e:  # RDB storages may connect lazily
-        raise StorageError(f"cannot open Optuna storage {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise storage_error(url, e) from None
     if args.study_name not in names:
         held = ", ".join(repr(n) for n in names) or "none"
         raise StorageError(f"no study {args.study_name!r} in {url} (it holds: {held}); pass --study-name")
