@@ -176,7 +176,6 @@ class Trainer:
         fused = device.type == "cuda" if fused is None else fused
         seed_everything(cfg.seed)
         self.train_loader = DeviceLoader(train_images, train_labels, cfg.batch_size, train=True, augment=cfg.augment)
-
         self.model = ViT(cfg.vit_config()).to(device)
         self.step_model = torch.compile(self.model) if compile else self.model
         self.optimizer = make_optimizer(self.model, cfg, fused=fused and cfg.optimizer == "adamw")
