@@ -75,7 +75,9 @@ class Attention(nn.Module):
     def forward(self, x):
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, D/H)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D/H)
+        # Split on the qkv axis, then move heads forward: the backward then stacks the three grads
+        # straight into qkv's layout, one copy fewer than permute(2, 0, 3, 1, 4).unbind(0).
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, N, D/H)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, D)  # (B, N, D): heads concatenated again
         return self.proj_drop(self.proj(x))
