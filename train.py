@@ -4,8 +4,10 @@ Stage 1 adds pruning through `on_epoch`; stage 2 adds checkpoints, TensorBoard a
 same way. Everything a run needs to continue exactly lives in `Trainer.state_dict()`.
 """
 
+import ctypes
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -103,6 +105,9 @@ def _set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # where torch >= 2.4 has a fused AdamW kernel
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
     # Decay only weight matrices: shrinking biases, norms and embeddings towards 0 only hurts.
     decay, no_decay = [], []
@@ -125,6 +130,26 @@ def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     if cfg.scheduler == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of handing it back to the OS (Linux only).
+
+    A CPU training step frees and reallocates hundreds of MB of activations. By default glibc
+    unmaps big blocks and trims its heap once more than 64 MB is free at the top, so the next step
+    page-faults the same memory back in: measured on 2 cores, GELU's forward took 3-4 ms instead
+    of 1.4 and a step of the seed's best shape ran 8-10 % slower. The peak RSS stays the same; the
+    memory is only not returned between steps. True if glibc took the settings.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl and other C libraries
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # 32 MB is glibc's largest mmap threshold on 64-bit: blocks up to it come from the heap.
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 CPU_ACTIVATION_BUDGET = 2**30  # bytes of saved activations per micro-batch on a CPU
@@ -170,10 +195,13 @@ class Trainer:
                  device: torch.device, amp: bool | None = None, fused: bool | None = None, compile: bool = False,
                  micro_batch: int | None = None, progress: bool = True):
         self.cfg, self.device, self.progress = cfg, device, progress
-        # bf16 autocast and the fused AdamW kernel pay on GPUs; on a CPU without bf16 units bf16 is
-        # emulated and 4x slower, and fused AdamW is within noise. None: on for CUDA only.
+        # bf16 autocast pays on GPUs; on a CPU without bf16 units bf16 is emulated and 4x slower.
+        # None: on for CUDA only. Fused AdamW: one kernel instead of ~10 per tensor (CPU: 1.1 ms
+        # instead of 4-5 ms a step for the seed's best shape).
         self.amp = device.type == "cuda" if amp is None else amp
-        fused = device.type == "cuda" if fused is None else fused
+        fused = device.type in FUSED_ADAMW_DEVICES if fused is None else fused
+        if device.type == "cpu":
+            keep_freed_memory()
         seed_everything(cfg.seed)
         self.train_loader = DeviceLoader(train_images, train_labels, cfg.batch_size, train=True, augment=cfg.augment)
         self.model = ViT(cfg.vit_config()).to(device)
