@@ -9,11 +9,13 @@
    VisionTransformer of the same shape when timm is installed (`pip install timm`; optional);
 3. a real training epoch end to end: ours vs the PIL DataLoader feeding the same eager fp32 model;
 4. the peak memory of each (RSS on CPU, torch.cuda.max_memory_allocated on GPU).
-Each end-to-end run happens in a fresh process, so that its peak memory is its own.
+Our side and the usual side each run in their own fresh process, taking turns (never at once); each
+peak memory is measured in a fresh process of its own.
 """
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import resource
@@ -26,7 +28,7 @@ import torch
 
 from augment import train_transform
 from data import AUGMENT_CHUNK, DataError, load_cifar10
-from train import TrainConfig, Trainer, evaluate, make_optimizer, pick_device
+from train import FUSED_ADAMW_DEVICES, TrainConfig, Trainer, evaluate, make_optimizer, pick_device
 from vit import ViT, count_flops
 
 SEED_BEST = dict(patch_size=4, embed_dim=128, depth=6, num_heads=4)
@@ -146,25 +148,31 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device):
     return step
 
 
+def step_flops(shape: dict) -> int:
+    """FLOPs of one training step of a batch: backward = 2x forward."""
+    return 3 * count_flops(TrainConfig(**shape).vit_config()) * BATCH
+
+
 def make_step(shape: dict, device):
-    """Our model's step, set up as Trainer does; and its FLOPs."""
+    """Our model's step, set up as Trainer does (whole batches: no CPU micro-batching)."""
     cfg = TrainConfig(**shape)
     torch.manual_seed(0)
     model = ViT(cfg.vit_config()).to(device).train()
-    opt = make_optimizer(model, cfg, fused=device.type == "cuda")
-    return train_step(model, opt, device), 3 * count_flops(cfg.vit_config()) * BATCH  # backward = 2x forward
+    opt = make_optimizer(model, cfg, fused=device.type in FUSED_ADAMW_DEVICES)
+    return train_step(model, opt, device)
 
 
 def make_timm_step(shape: dict, device):
-    """The reference for the model step: timm's VisionTransformer of the same shape, AdamW, set up
-    like ours. None when timm is not installed (it is optional)."""
+    """The reference for the model step: timm's VisionTransformer of the same shape and stochastic
+    depth, with torch's default AdamW, as a user would set it up. None when timm is not installed."""
     try:
         from timm.models.vision_transformer import VisionTransformer
     except ImportError:
         return None
     torch.manual_seed(0)
     model = VisionTransformer(img_size=32, patch_size=shape["patch_size"], embed_dim=shape["embed_dim"],
-                              depth=shape["depth"], num_heads=shape["num_heads"], num_classes=10).to(device).train()
+                              depth=shape["depth"], num_heads=shape["num_heads"], num_classes=10,
+                              drop_path_rate=TrainConfig().drop_path).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=(device.type == "cuda") or None)
     return train_step(model, opt, device)
 
@@ -203,28 +211,68 @@ class Baseline:
         return seen / (time.perf_counter() - t0)
 
 
-def bench_e2e(x, y, device, rounds: int) -> dict:
-    """Ours, the baseline, the bare model step (and timm's, if installed), measured in turns, so that
-    the drift of a shared machine (10-15 % here) hits all alike, in a new seeded order each round, so that
-    none always runs after the same neighbour. Medians over the rounds."""
-    cfg = TrainConfig(**SEED_BEST, batch_size=BATCH)
-    ours = Trainer(cfg, x.to(device), y.to(device), x[:BATCH].to(device), y[:BATCH].to(device), device, progress=False)
-    baseline = Baseline(x, y, device)
-    step, flops = make_step(SEED_BEST, device)
-    steps = len(x) // BATCH
-    runs = {"step": lambda: step_rate(step, device, steps), "ours": lambda: ours.train_epoch()["train_img_s"],
-            "baseline": baseline.epoch}
-    timm_step = make_timm_step(SEED_BEST, device)
-    if timm_step is not None:
-        runs["timm_step"] = lambda: step_rate(timm_step, device, steps)
-    names = list(runs)
+def contender(side: str, conn, data_dir: str, n: int, device_name: str, largest_steps: int):
+    """One side of the end-to-end comparison, alone in a fresh process, running what the parent
+    names and answering its images/s. "ours": our Trainer (which, on a CPU, tunes the process's
+    allocator), our bare model step and the largest shape's; "usual": the PIL DataLoader baseline
+    and timm's model step, in a process as Python starts it."""
+    device = pick_device(device_name)
+    x, y, _ = images(data_dir, n)
+    x, y, steps = x[:n], y[:n], n // BATCH
+    if side == "ours":
+        cfg = TrainConfig(**SEED_BEST, batch_size=BATCH)
+        trainer = Trainer(cfg, x.to(device), y.to(device), x[:BATCH].to(device), y[:BATCH].to(device), device,
+                          progress=False)
+        step, largest = make_step(SEED_BEST, device), make_step(LARGEST, device)
+        runs = {"ours": lambda: trainer.train_epoch()["train_img_s"], "step": lambda: step_rate(step, device, steps),
+                "step_largest": lambda: (largest(), step_rate(largest, device, largest_steps))[1]}  # 1 warm-up
+    else:
+        runs = {"baseline": Baseline(x, y, device).epoch}
+        timm_step = make_timm_step(SEED_BEST, device)
+        if timm_step is not None:
+            runs["timm_step"] = lambda: step_rate(timm_step, device, steps)
+    conn.send(list(runs))
+    while (name := conn.recv()) is not None:
+        conn.send(runs[name]())
+
+
+def bench_e2e(data_dir: str, n: int, device_name: str, rounds: int, largest_steps: int) -> dict:
+    """Ours, the baseline and the bare model steps (timm's too, if installed), measured in turns, so
+    that the drift of a shared machine (10-15 % here) hits all alike, in a new seeded order each round,
+    so that none always runs after the same neighbour. Each side lives in its own process (see
+    `contender`), so the baseline runs with none of our settings. Figures are medians over the rounds;
+    ratios are medians of each round's ratio, both sides of which ran within seconds of each other."""
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: nothing inherited from this one
+    owner, procs = {}, []
+    for side in ("ours", "usual"):  # one after the other: setting up does not overlap
+        conn, child_conn = ctx.Pipe()
+        proc = ctx.Process(target=contender, args=(side, child_conn, data_dir, n, device_name, largest_steps))
+        proc.start()
+        procs.append((proc, conn))
+        owner.update((name, conn) for name in conn.recv())
+
+    def run(name):
+        owner[name].send(name)
+        return owner[name].recv()
+
+    names = [k for k in owner if k != "step_largest"]
     rates = {k: [] for k in names}
     for i in range(1 + rounds):  # round 0 warms everything up and is not counted
         for k in random.Random(i).sample(names, len(names)):
-            rate = runs[k]()
+            rate = run(k)
             rates[k] += [rate] if i else []
     result = {k: statistics.median(v) for k, v in rates.items()}
-    result["step_flops"] = flops * result["step"] / BATCH
+    result["step_largest"], result["rounds"] = run("step_largest"), rates
+
+    def paired(a, b):
+        return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
+
+    result["ours/baseline"], result["ours/step"] = paired("ours", "baseline"), paired("ours", "step")
+    if "timm_step" in rates:
+        result["step/timm"] = paired("step", "timm_step")
+    for proc, conn in procs:
+        conn.send(None)
+        proc.join()
     return result
 
 
@@ -275,7 +323,7 @@ def main(argv=None):
         return
 
     cpu = device.type == "cpu"
-    e2e_n = (1024 if args.quick else 8192) if cpu else 45000
+    e2e_n = (1536 if args.quick else 4096) if cpu else 45000
     x, y, source = images(args.data_dir, max(e2e_n, 2048))
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
           f" torch {torch.__version__}, {source}", flush=True)
@@ -284,18 +332,17 @@ def main(argv=None):
     r["matmul_peak_tflops"] = peak / 1e12
     r["aug_img_s"] = bench_aug(x, device, args.quick)
     r["baseline_aug_img_s"] = bench_baseline_aug(x[:2048], y[:2048], device, args.quick)
-    e2e = bench_e2e(x[:e2e_n], y[:e2e_n], device, rounds=5 if args.quick else 7)
-    r["step_img_s"], r["step_mfu"] = e2e["step"], e2e["step_flops"] / peak
+    e2e = bench_e2e(args.data_dir, e2e_n, args.device, rounds=5 if args.quick else 9,
+                    largest_steps=2 if cpu and args.quick else 8)
+    flops, flops_largest = step_flops(SEED_BEST) / BATCH, step_flops(LARGEST) / BATCH  # per image
+    r["step_img_s"], r["step_mfu"] = e2e["step"], flops * e2e["step"] / peak
     if "timm_step" in e2e:  # same shape, same FLOPs
-        r["step_img_s_timm"] = e2e["timm_step"]
-        r["step_mfu_timm"] = r["step_mfu"] * e2e["timm_step"] / e2e["step"]
-    step, flops = make_step(LARGEST, device)
-    step()  # warm-up
-    r["step_img_s_largest"] = step_rate(step, device, steps=2 if cpu and args.quick else 8)
-    r["step_mfu_largest"] = flops * r["step_img_s_largest"] / BATCH / peak
+        r["step_img_s_timm"], r["step_mfu_timm"] = e2e["timm_step"], flops * e2e["timm_step"] / peak
+        r["step_over_timm"] = e2e["step/timm"]
+    r["step_img_s_largest"], r["step_mfu_largest"] = e2e["step_largest"], flops_largest * e2e["step_largest"] / peak
     r["e2e_img_s"], r["baseline_e2e_img_s"] = e2e["ours"], e2e["baseline"]
-    r["e2e_ratio"] = e2e["ours"] / e2e["baseline"]
-    r["e2e_over_step"] = e2e["ours"] / e2e["step"]
+    r["e2e_ratio"], r["e2e_over_step"] = e2e["ours/baseline"], e2e["ours/step"]
+    r["rounds_img_s"] = e2e["rounds"]  # every counted round, for the spread behind the medians
     r["peak_mem_mb"], r["baseline_peak_mem_mb"] = peak_memory("ours", args, e2e_n), peak_memory("baseline", args, e2e_n)
     # a stage-1 trial of the search space's largest shape: the peak memory of a whole search
     r["peak_mem_mb_largest"] = peak_memory("largest", args, 2 * BATCH if cpu and args.quick else e2e_n)
@@ -307,7 +354,8 @@ def main(argv=None):
         ("augmentation, PIL DataLoader", f"{r['baseline_aug_img_s']:,.0f} img/s", f"{os.cpu_count()} workers"),
         ("model step, seed's best shape", f"{r['step_img_s']:,.0f} img/s", f"MFU {100 * r['step_mfu']:.1f} %"),
         ("model step, timm reference", f"{r['step_img_s_timm']:,.0f} img/s" if "step_img_s_timm" in r else "-",
-         f"MFU {100 * r['step_mfu_timm']:.1f} %" if "step_img_s_timm" in r else "timm not installed"),
+         f"MFU {100 * r['step_mfu_timm']:.1f} %, ours {r['step_over_timm']:.2f}x" if "step_img_s_timm" in r
+         else "timm not installed"),
         ("model step, largest shape", f"{r['step_img_s_largest']:,.0f} img/s", f"MFU {100 * r['step_mfu_largest']:.1f} %"),
         ("end to end, ours", f"{r['e2e_img_s']:,.0f} img/s", f"{100 * r['e2e_over_step']:.1f} % of model step"),
         ("end to end, PIL DataLoader", f"{r['baseline_e2e_img_s']:,.0f} img/s", f"ours / baseline = {r['e2e_ratio']:.2f}x"),
