@@ -24,6 +24,17 @@ def small_args(tmp_path, *extra):
     return parse_args(["--results", str(tmp_path), "--epochs", "2", "--patience", "2", "--heartbeat", "5", *extra])
 
 
+def test_jobs_runs_trials_side_by_side_in_threads(tmp_path):
+    run(small_args(tmp_path, "--trials", "4", "--jobs", "2"), splits=tiny_splits())
+    trials = optuna.load_study(study_name="vit-cifar10", storage=f"sqlite:///{tmp_path / 'stage1.db'}").trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE and len(t.user_attrs["history"]) >= 1 for t in trials)
+    starts, ends = sorted(t.datetime_start for t in trials), sorted(t.datetime_complete for t in trials)
+    assert starts[1] < ends[0]  # the second trial started before the first one finished
+    top = json.loads((tmp_path / "stage1" / "top3.json").read_text())
+    assert len(top) == 3
+
+
 def test_search_space_is_the_seeds():
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = {}
