@@ -149,8 +149,8 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device):
 
 
 def step_flops(shape: dict) -> int:
-    """FLOPs of one training step of a batch: backward = 2x forward."""
-    return 3 * count_flops(TrainConfig(**shape).vit_config()) * BATCH
+    """Training FLOPs per image: backward = 2x forward."""
+    return 3 * count_flops(TrainConfig(**shape).vit_config())
 
 
 def make_step(shape: dict, device):
@@ -334,7 +334,7 @@ def main(argv=None):
     r["baseline_aug_img_s"] = bench_baseline_aug(x, y, device, args.quick)
     e2e = bench_e2e(args.data_dir, e2e_n, args.device, rounds=5 if args.quick else 9,
                     largest_steps=2 if cpu and args.quick else 8)
-    flops, flops_largest = step_flops(SEED_BEST) / BATCH, step_flops(LARGEST) / BATCH  # per image
+    flops, flops_largest = step_flops(SEED_BEST), step_flops(LARGEST)
     r["step_img_s"], r["step_mfu"] = e2e["step"], flops * e2e["step"] / peak
     if "timm_step" in e2e:  # same shape, same FLOPs
         r["step_img_s_timm"], r["step_mfu_timm"] = e2e["timm_step"], flops * e2e["timm_step"] / peak
