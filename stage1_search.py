@@ -9,12 +9,19 @@ results/stage1/top3.json for stage 2.
 """
 
 import argparse
+import contextlib
 import os
+import random
 import socket
 import sys
 import time
 import warnings
 from dataclasses import replace
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the retry in _make_storage still covers the race
+    fcntl = None
 
 import optuna
 import torch
@@ -69,23 +76,49 @@ def make_storage(url: str, heartbeat: int):
         raise storage_error(url, e) from None
 
 
+# Raised by workers that create Optuna's schema at the same moment; the loser's retry finds it made.
+SCHEMA_RACE = ("already exists", "duplicate", "unique constraint", "database is locked")
+
+
 def _make_storage(url: str, heartbeat: int):
     if "://" not in url:
         from optuna.storages.journal import JournalFileBackend
 
         os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(url))
-    engine_kwargs = {}
+    engine_kwargs, lock_path = {}, None
     if url.startswith("sqlite:///"):
-        os.makedirs(os.path.dirname(os.path.abspath(url[len("sqlite:///"):])), exist_ok=True)
+        path = os.path.abspath(url[len("sqlite:///"):])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         # Several workers on one SQLite file: wait for a lock instead of failing with "database is locked".
-        engine_kwargs = {"connect_args": {"timeout": 60}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )
+        engine_kwargs, lock_path = {"connect_args": {"timeout": 60}}, path + ".lock"
+    for attempt in range(8):
+        try:
+            with _file_lock(lock_path):  # one local worker at a time creates the tables
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+                    )
+        except Exception as e:  # workers on other machines cannot share a file lock: retry the race
+            if attempt == 7 or not any(m in str(e).lower() for m in SCHEMA_RACE):
+                raise
+            time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
+
+
+@contextlib.contextmanager
+def _file_lock(path):
+    """An exclusive advisory lock on `path` (created if missing); no-op for None or without fcntl."""
+    if path is None or fcntl is None:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def make_study(storage, study_name: str, seed: int) -> optuna.Study:
