@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import os
 import random
+import re
 import socket
 import sys
 import time
@@ -56,9 +57,19 @@ class StorageError(RuntimeError):
     """The Optuna storage cannot be opened; the message says which and why."""
 
 
+def redact_url(url: str) -> str:
+    """The URL with its password shown as ***: postgresql://user:***@host/db. Use it wherever a URL is shown."""
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", str(url))
+
+
 def storage_error(url: str, e: Exception) -> StorageError:
     first_line = (str(e).splitlines() or [""])[0]  # drivers add pages of SQL and links below it
-    return StorageError(f"cannot open Optuna storage {url!r}: {type(e).__name__}: {first_line}")
+    if "://" in url:  # drivers may quote the URL, password included
+        first_line = first_line.replace(url, redact_url(url))
+        password = re.match(r"[^:]+://[^/@:]*:([^/@]*)@", url)
+        if password and password.group(1):
+            first_line = first_line.replace(password.group(1), "***")
+    return StorageError(f"cannot open Optuna storage {redact_url(url)!r}: {type(e).__name__}: {first_line}")
 
 
 def make_storage(url: str, heartbeat: int):
@@ -340,7 +351,7 @@ def run(args, splits=None):
     base = TrainConfig(epochs=args.epochs, patience=args.patience, subset_ratio=args.subset, seed=args.seed)
     objective = Objective(base, splits, device, out_dir, compile=args.compile)
     t0 = time.perf_counter()
-    tqdm.write(f"study {args.study_name!r} in {args.storage}: {len(study.trials)} trials so far; adding "
+    tqdm.write(f"study {args.study_name!r} in {redact_url(args.storage)}: {len(study.trials)} trials so far; adding "
                f"{args.trials} on {device} ({len(splits.train_images)} training, {len(splits.val_images)} validation images)")
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial):
