@@ -172,9 +172,13 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, num_classes: int = 10)
     return lam * x + (1 - lam) * x[perm], lam * targets + (1 - lam) * targets[perm]
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against hard labels (int64) or soft targets (float rows summing to 1)."""
-    return F.cross_entropy(logits, targets)
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against hard labels (int64) or soft targets (float rows summing to 1).
+
+    label_smoothing eps trains against (1 - eps) * target + eps / classes, for hard and soft
+    (mixup) targets alike; validation and test losses use eps = 0.
+    """
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
 class DeviceLoader:

@@ -29,7 +29,9 @@ class TrainConfig:
     drop_path: float = 0.1  # stochastic depth: the usual regulariser of small ViTs on small data
     # optimisation
     optimizer: str = "adamw"  # "adamw" or "sgd" (with Nesterov momentum 0.9)
-    lr: float = 5.8e-4  # peak learning rate, reached after warmup
+    lr: float = 5.8e-4  # peak learning rate, reached after warmup (SGD: times sgd_lr_scale)
+    sgd_lr_scale: float = 100.0  # SGD's lr = lr x this: the searched 1e-5..1e-3 becomes 1e-3..0.1, SGD's range
+    label_smoothing: float = 0.1  # train against (1 - eps) one-hot + eps / 10; 0 turns it off
     weight_decay: float = 0.05  # AdamW's decoupled decay; SGD uses weight_decay / 10 (coupled, so stronger)
     scheduler: str = "cosine"  # "cosine" to zero, or "step": x0.1 at 50 % and 75 % of the epochs
     warmup_epochs: int = 2  # linear warmup: attention is unstable at full lr from a random init
@@ -50,6 +52,13 @@ class TrainConfig:
             raise ValueError(f"scheduler must be 'cosine' or 'step', got {self.scheduler!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not self.sgd_lr_scale > 0:
+            raise ValueError(f"sgd_lr_scale must be positive, got {self.sgd_lr_scale}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0.0 <= self.drop_path < 1.0:
+            raise ValueError("warmup_epochs, weight_decay and grad_clip must be >= 0 and drop_path in [0, 1), got "
+                             f"{self.warmup_epochs}, {self.weight_decay}, {self.grad_clip}, {self.drop_path}")
         for name in ("batch_size", "epochs", "patience"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -117,7 +126,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay / 10}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    # The search draws one lr range for both optimizers; SGD needs about 100x AdamW's step size.
+    return torch.optim.SGD(groups, lr=cfg.lr * cfg.sgd_lr_scale, momentum=0.9, nesterov=True)
 
 
 def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
@@ -259,7 +269,7 @@ class Trainer:
             for xm, tm, ym in zip(x.split(self.micro_batch), targets.split(self.micro_batch), y.split(self.micro_batch)):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     logits = model(xm)
-                loss = loss_fn(logits.float(), tm) * (len(ym) / len(y))
+                loss = loss_fn(logits.float(), tm, cfg.label_smoothing) * (len(ym) / len(y))
                 loss.backward()
                 # Accumulate on the device: a .item() per step would stall a GPU.
                 loss_sum += loss.detach() * len(y)
