@@ -80,6 +80,31 @@ class TrainConfig:
         return asdict(self)
 
 
+# The recipe around the searched dimensions: one flag each, so that any choice can be switched off.
+RECIPE_FLAGS = {
+    "label_smoothing": (float, "label smoothing of the training targets; 0 turns it off"),
+    "warmup_epochs": (int, "epochs of linear learning-rate warmup; 0 turns it off"),
+    "weight_decay": (float, "AdamW's decoupled weight decay (SGD: a tenth of it, coupled); 0 turns it off"),
+    "drop_path": (float, "stochastic depth rate of the last block; 0 turns it off"),
+    "grad_clip": (float, "max global gradient norm; 0 turns clipping off"),
+    "sgd_lr_scale": (float, "SGD's learning rate is the configured lr times this; 1 turns it off"),
+}
+
+
+def add_recipe_flags(parser):
+    """--label-smoothing, --warmup-epochs, ...: each overrides its TrainConfig field (default: the field's)."""
+    group = parser.add_argument_group("recipe (defaults chosen by ablation; docs/recipe.md)")
+    defaults = TrainConfig()
+    for name, (kind, text) in RECIPE_FLAGS.items():
+        group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=kind.__name__.upper(),
+                           help=f"{text} (default: {getattr(defaults, name)})")
+
+
+def recipe_overrides(args) -> dict:
+    """The recipe fields given on the command line, as TrainConfig keyword arguments."""
+    return {name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name, None) is not None}
+
+
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -205,8 +230,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, train_images, train_labels, val_images, val_labels,
                  device: torch.device, amp: bool | None = None, fused: bool | None = None, compile: bool = False,
-                 micro_batch: int | None = None, progress: bool = True):
-        self.cfg, self.device, self.progress = cfg, device, progress
+                 micro_batch: int | None = None, progress: bool = True, log_every_s: float = 30.0):
+        # progress: a bar on a terminal; off a terminal (a log, a pipe) a line every log_every_s
+        # seconds instead, so that a log shows the run is alive long before the epoch ends.
+        self.cfg, self.device, self.progress, self.log_every_s = cfg, device, progress, log_every_s
         # bf16 autocast pays on GPUs; on a CPU without bf16 units bf16 is emulated and 4x slower.
         # None: on for CUDA only. Fused AdamW: one kernel instead of ~10 per tensor (CPU: 1.1 ms
         # instead of 4-5 ms a step for the seed's best shape).
@@ -262,6 +289,7 @@ class Trainer:
         seen, t0 = 0, time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
                    disable=None if self.progress else True, unit="batch")
+        log_lines, last_log = self.progress and bar.disable, t0
         for i, (x, y) in enumerate(bar):
             x, targets = mixup(x, y, cfg.mixup_alpha)
             self.optimizer.zero_grad(set_to_none=True)
@@ -281,6 +309,12 @@ class Trainer:
             seen += len(y)
             if i % 20 == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            if log_lines and time.perf_counter() - last_log >= self.log_every_s:
+                last_log = time.perf_counter()
+                n, rate = len(self.train_loader), seen / (last_log - t0)
+                left = (n - i - 1) * len(y) / rate
+                print(f"  epoch {self.epoch + 1}/{cfg.epochs}  batch {i + 1}/{n}  loss {loss_sum.item() / seen:.3f}  "
+                      f"{rate:.0f} img/s  epoch ends in {left // 60:.0f}:{left % 60:02.0f}", flush=True)
         train_loss = loss_sum.item() / seen
         if not math.isfinite(train_loss):
             raise Diverged(f"training loss became {train_loss} in epoch {self.epoch + 1}")

@@ -162,3 +162,19 @@ def test_keep_freed_memory_stops_the_page_faults_of_every_step():
     assert default > 5000  # 20 MB in 4 KB pages: glibc hands activations back and faults them in again
     tuned, n = faults("tuned")
     assert tuned == "True" and n < default / 20
+
+
+def test_off_a_terminal_progress_comes_as_steady_lines(capsys):
+    """stdout is captured here (no terminal): the bar switches itself off, and lines take its place."""
+    splits = synthetic_splits(n_train=256, n_val=64)
+    cfg = TrainConfig(**{**TINY, "epochs": 1})
+    quiet = Trainer(cfg, splits.train_images, splits.train_labels, splits.val_images, splits.val_labels,
+                    device=torch.device("cpu"), progress=False, log_every_s=0.0)
+    quiet.train_epoch()
+    assert capsys.readouterr().out == ""
+    chatty = Trainer(cfg, splits.train_images, splits.train_labels, splits.val_images, splits.val_labels,
+                     device=torch.device("cpu"), progress=True, log_every_s=0.0)
+    chatty.train_epoch()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(chatty.train_loader) == 4  # every batch, at a 0-second pace
+    assert lines[0].split()[:4] == ["epoch", "1/1", "batch", "1/4"] and "img/s" in lines[0] and "ends in" in lines[-1]
