@@ -1,0 +1,45 @@
+"""How sure a test accuracy is, and whether one model really beats another on the same images.
+
+Exact methods only, so that a small test set or a rare class gets an honest answer:
+- an accuracy's 95 % interval is the Clopper-Pearson interval of a binomial proportion (it covers
+  the true accuracy at least 95 % of the time, whatever the accuracy and the number of images);
+- two models tested on the same images are compared with the exact McNemar test: only the
+  images on which exactly one of them is right count, and under "no difference" each of those
+  is equally likely to favour either model (a two-sided binomial test with p = 1/2).
+"""
+
+import numpy as np
+from scipy.stats import beta, binomtest
+
+
+def accuracy_interval(correct: int, total: int, level: float = 0.95) -> tuple:
+    """Clopper-Pearson interval (low, high) of correct/total, as fractions."""
+    if total <= 0 or not 0 <= correct <= total:
+        raise ValueError(f"need 0 <= correct <= total and total > 0, got {correct}/{total}")
+    tail = (1 - level) / 2
+    low = 0.0 if correct == 0 else float(beta.ppf(tail, correct, total - correct + 1))
+    high = 1.0 if correct == total else float(beta.ppf(1 - tail, correct + 1, total - correct))
+    return low, high
+
+
+def mcnemar(correct_a, correct_b) -> dict:
+    """Exact McNemar test of two models' per-image correctness on the same images.
+
+    Returns the disagreement counts (a_only: A right and B wrong; b_only: the reverse) and the
+    two-sided p-value of "A and B are equally accurate".
+    """
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"the two models must be tested on the same images, got {a.shape} and {b.shape}")
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    p = 1.0 if a_only + b_only == 0 else float(binomtest(a_only, a_only + b_only, 0.5).pvalue)
+    return {"a_only": a_only, "b_only": b_only, "p_value": p}
+
+
+def verdict(name_a: str, name_b: str, test: dict, alpha: float = 0.05) -> str:
+    """One plain sentence on an exact McNemar result (A is the model with the higher accuracy)."""
+    counts = (f"{name_a} alone is right on {test['a_only']} images, {name_b} alone on {test['b_only']}; "
+              f"exact McNemar p = {test['p_value']:.3g}")
+    if test["p_value"] < alpha:
+        return f"{name_a} beats {name_b} at the {alpha:.0%} level ({counts})."
+    return f"{name_a} does not beat {name_b} at the {alpha:.0%} level: the difference may be chance ({counts})."
