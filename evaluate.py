@@ -2,9 +2,10 @@
 
     python evaluate.py results/stage2/trial_0012/best.pt --data-dir ../shared/data
 
-Writes next to the checkpoint: metrics.json (accuracy, macro and per-class precision, recall, F1,
-support), classification_report.txt (scikit-learn's), confusion_matrix.png (counts and
-row-normalised) and confusion_matrix.csv. Checkpoints are loaded with weights_only=True, so a
+Writes next to the checkpoint: test_metrics.json (accuracy, macro and per-class precision, recall,
+F1, support), classification_report.txt (scikit-learn's), confusion_matrix.png (counts and
+row-normalised) and confusion_matrix.csv; none of these names is one that training writes, so a
+run's own metrics.json and history survive. Checkpoints are loaded with weights_only=True, so a
 file carrying pickled code is refused instead of run.
 """
 
@@ -27,6 +28,8 @@ from train import TrainConfig, evaluate, pick_device
 from vit import ViT
 
 EVAL_BATCH = 500  # the validation loader's size: inference memory is small, larger batches gain nothing
+# Stage 1 writes metrics.json (with the whole training history) next to its last.pt: the test's own name.
+METRICS_FILE = "test_metrics.json"
 
 
 def load_checkpoint(path: str, device="cpu") -> dict:
@@ -57,10 +60,24 @@ def resolve_device(name: str) -> torch.device:
     """pick_device, with a one-line error for a name torch does not know or a device this machine lacks."""
     try:
         device = pick_device(name)
+    except RuntimeError as e:
+        raise DataError(f"cannot use device {name!r}: {_first_sentence(e)}; "
+                        f"use auto, cpu, cuda, cuda:N or mps") from None
+    # torch's own messages for these point at driver downloads, which are rarely the fix.
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"cannot use device {name!r}: torch finds no CUDA GPU on this machine; "
+                        f"pass --device cpu (or auto, which takes a GPU when there is one)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DataError(f"cannot use device {name!r}: there is no Apple GPU (MPS) on this machine; pass --device cpu")
+    try:
         torch.empty(0, device=device)  # fails now, not deep inside training
     except (RuntimeError, AssertionError) as e:
-        raise DataError(f"cannot use device {name!r}: {str(e).splitlines()[0]}") from None
+        raise DataError(f"cannot use device {name!r}: {_first_sentence(e)}") from None
     return device
+
+
+def _first_sentence(e: Exception) -> str:
+    return str(e).splitlines()[0].split(". ")[0]  # torch appends paragraphs of backend lists and advice
 
 
 def model_from_checkpoint(state: dict, device) -> ViT:
@@ -143,7 +160,7 @@ def evaluate_checkpoint(path: str, ds, device="cpu") -> dict:
     }
     out = os.path.dirname(os.path.abspath(path))
     cm = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
-    write_json(os.path.join(out, "metrics.json"), metrics)
+    write_json(os.path.join(out, METRICS_FILE), metrics)
     write_text(os.path.join(out, "classification_report.txt"),
                classification_report(y_true, y_pred, labels=list(range(len(classes))), target_names=classes,
                                      digits=4, zero_division=0))
@@ -172,6 +189,8 @@ def main(argv=None):
         m = evaluate_checkpoint(args.checkpoint, ds, device)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # the checkpoint's folder is not writable, or the disk is full
+        sys.exit(f"error: cannot write {e.filename}: {e.strerror}; the checkpoint itself is untouched")
     print(f"test accuracy {m['accuracy']:.4f}, macro precision {m['macro']['precision']:.4f}, "
           f"recall {m['macro']['recall']:.4f}, F1 {m['macro']['f1']:.4f} on {m['test_images']} images; "
           f"written next to {args.checkpoint}")

@@ -1,5 +1,6 @@
 """What both stages write about a run: JSON files, TensorBoard scalars, curve plots, code version."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -31,12 +32,43 @@ def write_json(path: str, obj):
 
 
 def write_text(path: str, text: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared machine
-    os.replace(tmp, path)
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes):
+    """Replace `path` with `data` all at once: a kill or a full disk leaves the old file whole.
+
+    OSError (a full disk, a folder that is not writable) names `path`; no temporary file is left behind.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # A unique name per writer: two workers may write the same report at once.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the rename, or a power cut could leave an empty file
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared machine
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(e.errno, e.strerror, path) from None
+    _fsync_dir(folder)  # the rename itself must survive a power cut too
+
+
+def _fsync_dir(folder: str):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open folders; its renames need no such step
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders; the rename is still atomic there
+        pass
+    finally:
+        os.close(fd)
 
 
 class TensorBoardLogger:

@@ -58,7 +58,7 @@ def test_metrics_equal_a_direct_computation_and_sklearn(trained):
     assert (m["macro"]["precision"], m["macro"]["recall"], m["macro"]["f1"]) == macro[:3]
 
     out = os.path.dirname(path)
-    assert json.load(open(os.path.join(out, "metrics.json")))["accuracy"] == m["accuracy"]
+    assert json.load(open(os.path.join(out, "test_metrics.json")))["accuracy"] == m["accuracy"]
     with open(os.path.join(out, "confusion_matrix.csv")) as f:
         rows = list(csv.reader(f))
     assert rows[0][1:] == ds.classes and [r[0] for r in rows[1:]] == ds.classes
@@ -131,9 +131,39 @@ def test_cli_evaluates_a_checkpoint_on_the_10000_test_images(tmp_path, trained, 
     path = tmp_path / "best.pt"
     path.write_bytes(open(trained[0], "rb").read())
     evaluate.main([str(path), "--data-dir", fake_cifar_dir, "--no-download", "--device", "cpu"])
-    m = json.load(open(tmp_path / "metrics.json"))
+    m = json.load(open(tmp_path / "test_metrics.json"))
     assert m["test_images"] == 10000 and sum(c["support"] for c in m["per_class"].values()) == 10000
     assert m["epoch"] == 2 and m["config"]["patch_size"] == 8
     assert f"test accuracy {m['accuracy']:.4f}" in capsys.readouterr().out
     for name in ("classification_report.txt", "confusion_matrix.png", "confusion_matrix.csv"):
         assert (tmp_path / name).exists()
+
+
+def test_evaluating_a_stage1_trial_keeps_its_training_metrics_byte_for_byte(tmp_path, trained):
+    from report import write_json
+
+    path, ds = trained
+    trial = tmp_path / "stage1" / "trial_0000"
+    trial.mkdir(parents=True)
+    (trial / "last.pt").write_bytes(open(path, "rb").read())
+    state = torch.load(path, weights_only=True)
+    # what stage 1 leaves in a trial's folder, written the way it writes it
+    write_json(str(trial / "metrics.json"), {"best_val_acc": state["early_stopping"]["best_acc"], "epochs_run": 2,
+                                             "history": state["history"]})
+    write_json(str(trial / "config.json"), {"trial": 0, "config": state["config"]})
+    before = {name: (trial / name).read_bytes() for name in ("metrics.json", "config.json", "last.pt")}
+    m = evaluate_checkpoint(str(trial / "last.pt"), ds, "cpu")
+    assert {name: (trial / name).read_bytes() for name in before} == before
+    assert json.loads((trial / "test_metrics.json").read_text())["accuracy"] == m["accuracy"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cli_asked_for_a_gpu_this_machine_lacks_says_so_in_one_line(tmp_path, trained):
+    path = tmp_path / "best.pt"
+    path.write_bytes(open(trained[0], "rb").read())
+    proc = subprocess.run([sys.executable, "evaluate.py", str(path), "--device", "cuda", "--no-download"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr == ("error: cannot use device 'cuda': torch finds no CUDA GPU on this machine; "
+                           "pass --device cpu (or auto, which takes a GPU when there is one)\n")
+    assert sorted(os.listdir(tmp_path)) == ["best.pt"]  # nothing written
