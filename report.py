@@ -92,6 +92,21 @@ class TensorBoardLogger:
         self.writer.close()
 
 
+def log_hparams(log_dir: str, hparams: dict, metrics: dict):
+    """One run's parameters and final figures for TensorBoard's HParams dashboard (table, parallel coordinates).
+
+    Values must be numbers, strings or booleans; None becomes the string "none". Metrics are
+    written as scalars "hparams/<name>" in the same folder as the run's curves.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    clean = {k: ("none" if v is None else v) for k, v in hparams.items()}
+    with SummaryWriter(log_dir) as writer:
+        # run_name "." keeps the session in the run's own folder, beside its curves, instead of a new
+        # time-stamped subfolder per call.
+        writer.add_hparams(clean, {f"hparams/{k}": v for k, v in metrics.items()}, run_name=".")
+
+
 def plot_curves(history: list, path: str, title: str):
     """Training and validation loss and accuracy per epoch, side by side, in one PNG."""
     epochs = [r["epoch"] for r in history]
@@ -103,6 +118,8 @@ def plot_curves(history: list, path: str, title: str):
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # epochs are whole
+        if len(epochs) == 1:  # matplotlib would zoom into 0.95-1.05 around a single point
+            ax.set_xlim(0.5, 1.5)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
