@@ -127,3 +127,61 @@ def plot_curves(history: list, path: str, title: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def most_confident_mistakes(probs, labels, k: int = 36) -> list:
+    """Indices of up to k misclassified images, the most confident (highest predicted probability) first."""
+    import torch
+
+    probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
+    conf, pred = probs.max(1)
+    wrong = (pred != labels).nonzero().flatten()
+    return wrong[conf[wrong].argsort(descending=True)][:k].tolist()
+
+
+def plot_mistakes(images, labels, probs, classes: list, path: str, title: str, k: int = 36) -> list:
+    """A grid of the k most confident mistakes: each image upscaled, with true class, prediction and confidence.
+
+    images: uint8 (N, 3, 32, 32); probs: (N, classes) softmax outputs. Returns the indices shown.
+    """
+    import torch
+
+    picked = most_confident_mistakes(probs, labels, k)
+    cols = 6
+    rows = max(1, -(-len(picked) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.2), squeeze=False)
+    probs = torch.as_tensor(probs)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, picked):
+        # nearest-neighbour upscaling shows the 32x32 pixels as they are, not a blur of them
+        ax.imshow(torch.as_tensor(images[i]).permute(1, 2, 0).numpy(), interpolation="nearest")
+        conf, pred = probs[i].max(0)
+        ax.set_title(f"true: {classes[int(labels[i])]}\npred: {classes[int(pred)]} ({100 * conf:.0f} %)", fontsize=8)
+    if not picked:
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return picked
+
+
+def plot_per_class_accuracy(classes: list, correct: list, totals: list, path: str, title: str):
+    """Per-class test accuracy (%) as bars with their 95 % Clopper-Pearson intervals."""
+    from stats import accuracy_interval
+
+    acc = [100 * c / n for c, n in zip(correct, totals)]
+    intervals = [accuracy_interval(c, n) for c, n in zip(correct, totals)]
+    err = [[a - 100 * lo for a, (lo, _) in zip(acc, intervals)], [100 * hi - a for a, (_, hi) in zip(acc, intervals)]]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(classes, acc, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
+    ax.set(ylabel="test accuracy (%), 95 % interval", ylim=(0, 105), title=title)
+    ax.grid(axis="y", alpha=0.3)
+    for x, (a, (_, hi)) in enumerate(zip(acc, intervals)):
+        ax.text(x, 100 * hi + 1.5, f"{a:.1f}", ha="center", fontsize=8)  # above the interval, readable at any height
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -27,3 +27,32 @@ def test_hparams_are_read_back_by_tensorboards_event_reader(tmp_path):
     assert sorted(metric_tags) == ["hparams/best_val_acc", "hparams/epochs_run"]
     assert abs(scalars["hparams/best_val_acc"] - 0.4125) < 1e-6 and scalars["hparams/epochs_run"] == 7
     assert not [d for d in os.listdir(run) if os.path.isdir(os.path.join(run, d))]  # no stray time-stamped folder
+
+
+def test_the_gallery_holds_only_mistakes_most_confident_first_with_the_right_labels(tmp_path):
+    import torch
+
+    from report import most_confident_mistakes, plot_mistakes
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(100) % 10
+    probs = torch.softmax(3 * torch.randn(100, 10, generator=g), 1)
+    wrong = probs.argmax(1) != labels
+    picked = most_confident_mistakes(probs, labels, k=36)
+    assert len(picked) == min(36, int(wrong.sum())) and all(wrong[i] for i in picked)
+    conf = probs.max(1).values
+    assert all(conf[a] >= conf[b] for a, b in zip(picked, picked[1:]))
+    assert min(conf[picked]) >= max(conf[[i for i in range(100) if wrong[i] and i not in picked]], default=0)
+    images = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8, generator=g)
+    path = tmp_path / "mistakes.png"
+    shown = plot_mistakes(images, labels, probs, [f"c{i}" for i in range(10)], str(path), "model")
+    assert shown == picked and path.stat().st_size > 10000
+
+
+def test_per_class_accuracy_plot_is_written(tmp_path):
+    from report import plot_per_class_accuracy
+
+    path = tmp_path / "per_class.png"
+    plot_per_class_accuracy([f"c{i}" for i in range(10)], [90, 80, 70, 60, 50, 40, 30, 20, 10, 0], [100] * 10,
+                            str(path), "model")
+    assert path.stat().st_size > 5000
