@@ -29,6 +29,33 @@ class DataError(RuntimeError):
     """The data is missing, corrupt or unreachable; the message says what to do."""
 
 
+# What a CIFAR-10 batch file may name: numpy's array rebuilders (numpy 1's and numpy 2's module),
+# nothing else. A pickle can name any function to call while it loads; one that names another is
+# refused before anything runs.
+ARRAY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                 ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _ArraysOnly(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in ARRAY_GLOBALS:
+            raise _Refused(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: str):
+    with open(path, "rb") as f:
+        try:
+            return _ArraysOnly(f, encoding="latin1").load()
+        except _Refused as e:
+            raise DataError(f"refusing to load CIFAR-10 file {path}: it names {e}, which loading it would call; "
+                            f"CIFAR-10 holds only arrays and lists: download it again") from None
+
+
 @dataclass
 class CIFAR10:
     train_images: torch.Tensor  # (50000, 3, 32, 32) uint8
@@ -42,10 +69,11 @@ def _read_batch(path: str, expected: int):
     if not os.path.isfile(path):
         raise DataError(f"CIFAR-10 file {path} is missing; delete the folder to download it again, or fix --data-dir")
     try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+        entry = _unpickle(path)
         images = np.asarray(entry["data"], dtype=np.uint8)
         labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
+    except DataError:
+        raise
     except Exception as e:  # truncated or foreign files fail in many ways; all mean the same to the user
         raise DataError(f"CIFAR-10 file {path} is corrupt or truncated ({type(e).__name__}); download it again") from None
     if images.shape != (expected, 3 * 32 * 32) or labels.shape != (expected,) or not ((labels >= 0) & (labels < 10)).all():
@@ -82,8 +110,9 @@ def load_cifar10(data_dir: str = "data", download: bool = True) -> CIFAR10:
     meta = os.path.join(folder, "batches.meta")
     if os.path.isfile(meta):
         try:
-            with open(meta, "rb") as f:
-                classes = list(pickle.load(f, encoding="latin1")["label_names"])
+            classes = list(_unpickle(meta)["label_names"])
+        except DataError:
+            raise
         except Exception:
             raise DataError(f"CIFAR-10 file {meta} is corrupt; download it again") from None
     return CIFAR10(

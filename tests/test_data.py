@@ -1,5 +1,8 @@
 import os
+import pickle
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,6 +10,8 @@ import torch
 import data
 from conftest import REAL_DATA, needs_real_data
 from data import DataError, DeviceLoader, load_cifar10, loss_fn, mixup, split_indices, final_test_set, train_val_splits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_load_reads_the_official_format(fake_cifar_dir):
@@ -122,3 +127,79 @@ def test_loader_drops_partial_train_batch_keeps_all_eval_and_reshuffles():
     batches = list(evaluation)
     assert len(batches) == 4 and torch.equal(torch.cat([y for _, y in batches]), labels)
     assert batches[0][0].dtype == torch.float32 and batches[0][0].shape == (32, 3, 32, 32)
+
+
+def _flip(path, position):
+    with open(path, "r+b") as f:
+        f.seek(position)
+        byte = f.read(1)[0]
+        f.seek(position)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+def _last_label_byte(path) -> int:
+    """Where the last label's value sits in the batch's pickle (the argument of its last BININT1)."""
+    import io
+    import pickletools
+
+    with open(path, "rb") as f:
+        return [pos + 1 for op, _, pos in pickletools.genops(io.BytesIO(f.read())) if op.name == "BININT1"][-1]
+
+
+def _damage(path, damage, marker):
+    if damage == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif damage == "first byte flipped":
+        _flip(path, 0)
+    elif damage == "last byte flipped":
+        _flip(path, os.path.getsize(path) - 1)
+    elif damage == "a label's byte flipped":  # label 0-9 becomes 246-255
+        _flip(path, _last_label_byte(path))
+    elif damage == "9,999 images":
+        entry = pickle.load(open(path, "rb"), encoding="latin1")
+        pickle.dump({**entry, "data": entry["data"][:9999], "labels": entry["labels"][:9999]}, open(path, "wb"))
+    elif damage == "pickled code":
+        from test_evaluate import RunsCode
+
+        pickle.dump({"data": RunsCode(marker), "labels": [0] * 10000}, open(path, "wb"), protocol=2)
+
+
+DAMAGES = {
+    "truncated": "data_batch_3 is corrupt or truncated (UnpicklingError); download it again",
+    "first byte flipped": "data_batch_3 is corrupt or truncated (UnpicklingError); download it again",
+    "last byte flipped": "data_batch_3 is corrupt or truncated (UnpicklingError); download it again",
+    "a label's byte flipped": "data_batch_3 holds 10000 images of shape (3072,) and 10000 labels; expected 10000 "
+                              "images of 3072 bytes with labels 0-9",
+    "9,999 images": "data_batch_3 holds 9999 images of shape (3072,) and 9999 labels",
+    "pickled code": "refusing to load CIFAR-10 file",
+    "missing folder": "no CIFAR-10 at",
+}
+
+
+def test_stage2_on_damaged_data_stops_in_one_line_and_writes_nothing(fake_cifar_dir, tmp_path):
+    """Each damage in a copy of the fake CIFAR-10 folder (the other files linked), each through the real
+    command line, all at once."""
+    config = tmp_path / "c.json"
+    config.write_text('{"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}')
+    procs = {}
+    for i, damage in enumerate(DAMAGES):
+        root = tmp_path / f"data_{i}"
+        folder = root / "cifar-10-batches-py"
+        if damage != "missing folder":
+            folder.mkdir(parents=True)
+            for name in os.listdir(os.path.join(fake_cifar_dir, "cifar-10-batches-py")):
+                if name != "data_batch_3":
+                    os.symlink(os.path.join(fake_cifar_dir, "cifar-10-batches-py", name), folder / name)
+            shutil.copy(os.path.join(fake_cifar_dir, "cifar-10-batches-py", "data_batch_3"), folder)
+            _damage(folder / "data_batch_3", damage, tmp_path / f"pwned_{i}")
+        procs[damage] = subprocess.Popen(
+            [sys.executable, "stage2_final.py", "--config", str(config), "--data-dir", str(root), "--no-download",
+             "--device", "cpu", "--results", str(tmp_path / f"results_{i}")],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for i, (damage, proc) in enumerate(procs.items()):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1 and err.startswith("error: ") and err.count("\n") == 1, (damage, err)
+        assert DAMAGES[damage] in err and "Traceback" not in err, (damage, err)
+        assert [p for p in (tmp_path / f"results_{i}").rglob("*") if p.is_file()] == []  # nothing written
+    assert not list(tmp_path.glob("pwned_*"))  # the pickled code never ran
