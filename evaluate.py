@@ -190,7 +190,7 @@ def main(argv=None):
     except DataError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # the checkpoint's folder is not writable, or the disk is full
-        sys.exit(f"error: cannot write {e.filename}: {e.strerror}; the checkpoint itself is untouched")
+        sys.exit(f"error: cannot write {e.filename!r}: {e.strerror}; the checkpoint itself is untouched")
     print(f"test accuracy {m['accuracy']:.4f}, macro precision {m['macro']['precision']:.4f}, "
           f"recall {m['macro']['recall']:.4f}, F1 {m['macro']['f1']:.4f} on {m['test_images']} images; "
           f"written next to {args.checkpoint}")

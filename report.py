@@ -42,9 +42,10 @@ def write_bytes(path: str, data: bytes):
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    # A unique name per writer: two workers may write the same report at once.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    tmp = None
     try:
+        # A unique name per writer: two workers may write the same report at once.
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -52,8 +53,9 @@ def write_bytes(path: str, data: bytes):
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared machine
         os.replace(tmp, path)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         raise OSError(e.errno, e.strerror, path) from None
     _fsync_dir(folder)  # the rename itself must survive a power cut too
 

@@ -1,11 +1,12 @@
 import os
 import pickle
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from data import CLASSES, Splits
+from data import CIFAR10, CLASSES, Splits
 
 REAL_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 HAVE_REAL_DATA = os.path.isdir(os.path.join(REAL_DATA, "cifar-10-batches-py"))
@@ -45,3 +46,21 @@ def synthetic_splits(n_train=512, n_val=200, num_classes=10, seed=0) -> Splits:
     tx, ty = make(n_train)
     vx, vy = make(n_val)
     return Splits(tx, ty, vx, vy, CLASSES[:num_classes])
+
+
+def synthetic_cifar(n_train=200, n_test=300, seed=0) -> CIFAR10:
+    """CIFAR10-shaped synthetic data for stage 2: the fixed 5,000 validation images + n_train to train on,
+    and n_test test images."""
+    s = synthetic_splits(n_train=5000 + n_train, n_val=n_test, seed=seed)
+    return CIFAR10(s.train_images, s.train_labels, s.val_images, s.val_labels, s.classes)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real 16 MB file system of its own (tmpfs), to fill up or make read-only."""
+    path = tmp_path / "disk"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield path
+    subprocess.run(["umount", str(path)], check=True)

@@ -167,3 +167,14 @@ def test_cli_asked_for_a_gpu_this_machine_lacks_says_so_in_one_line(tmp_path, tr
     assert proc.stderr == ("error: cannot use device 'cuda': torch finds no CUDA GPU on this machine; "
                            "pass --device cpu (or auto, which takes a GPU when there is one)\n")
     assert sorted(os.listdir(tmp_path)) == ["best.pt"]  # nothing written
+
+
+def test_cli_on_a_read_only_folder_stops_in_one_line_and_keeps_the_checkpoint(tmpfs, trained, fake_cifar_dir):
+    path = tmpfs / "best.pt"
+    path.write_bytes(open(trained[0], "rb").read())
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    proc = subprocess.run([sys.executable, "evaluate.py", str(path), "--data-dir", fake_cifar_dir, "--no-download",
+                           "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr == (f"error: cannot write '{tmpfs}/test_metrics.json': Read-only file "
+                                                    "system; the checkpoint itself is untouched\n"), proc.stderr
+    assert os.listdir(tmpfs) == ["best.pt"] and path.read_bytes() == open(trained[0], "rb").read()
