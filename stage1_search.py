@@ -10,11 +10,13 @@ results/stage1/top3.json for stage 2.
 
 import argparse
 import contextlib
+import io
 import os
 import random
 import re
 import socket
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import replace
@@ -30,7 +32,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from data import DataError, load_cifar10, train_val_splits
-from report import TensorBoardLogger, code_version, plot_curves, write_json, write_text
+from report import TensorBoardLogger, code_version, plot_curves, write_bytes, write_json, write_text
 from train import Diverged, TrainConfig, Trainer, pick_device
 
 
@@ -75,10 +77,10 @@ def storage_error(url: str, e: Exception) -> StorageError:
 def make_storage(url: str, heartbeat: int):
     """An RDB URL (sqlite:///, postgresql://, mysql://) or a path to a journal file.
 
-    RDB storages run Optuna's heartbeat: a trial whose worker stops beating for 3 intervals is
-    marked FAIL by the next worker and re-queued once (RetryHeartbeatStaleTrialCallback), and the
-    retry continues from the dead trial's last checkpoint. Journal files have no heartbeat, so
-    `fail_dead_local_trials` does the same for dead processes on this machine.
+    A trial whose worker died is failed and queued again (at most MAX_RETRIES times), and the retry
+    continues from the dead trial's last checkpoint: `fail_dead_local_trials` finds dead processes
+    of this machine on any storage; on RDB storages Optuna's heartbeat also catches workers of other
+    machines that stopped beating for 3 intervals.
     Any failure (a bad URL, a missing driver, an unreachable server, a foreign file) is a StorageError.
     """
     try:
@@ -97,20 +99,20 @@ def _make_storage(url: str, heartbeat: int):
 
         os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(url))
-    engine_kwargs, lock_path = {}, None
+    engine_kwargs = {}
     if url.startswith("sqlite:///"):
-        path = os.path.abspath(url[len("sqlite:///"):])
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(url[len("sqlite:///"):])), exist_ok=True)
         # Several workers on one SQLite file: wait for a lock instead of failing with "database is locked".
-        engine_kwargs, lock_path = {"connect_args": {"timeout": 60}}, path + ".lock"
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    lock = StudyLock(url)
     for attempt in range(8):
         try:
-            with _file_lock(lock_path):  # one local worker at a time creates the tables
+            with lock.local():  # one local worker at a time creates the tables
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     return optuna.storages.RDBStorage(
                         url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+                        heartbeat_stale_trial_callback=RequeueStaleTrial(lock),
                     )
         except Exception as e:  # workers on other machines cannot share a file lock: retry the race
             if attempt == 7 or not any(m in str(e).lower() for m in SCHEMA_RACE):
@@ -118,9 +120,52 @@ def _make_storage(url: str, heartbeat: int):
             time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
 
 
+class StudyLock:
+    """Serialises what two workers must not do at once: fail a dead worker's trial and queue it
+    again (twice would run it twice), and with --total, decide that one more trial is due.
+
+    All workers of an SQLite or journal file share one machine, so a file lock beside it does; on
+    PostgreSQL an advisory lock spans machines. Other servers get no lock: there two workers may
+    each start the last trial of a --total.
+    """
+
+    def __init__(self, url: str):
+        self.path = None
+        if url.startswith("sqlite:///"):
+            self.path = os.path.abspath(url[len("sqlite:///"):]) + ".workers.lock"
+        elif "://" not in url:  # not .lock: Optuna's journal backend uses that name for its own lock
+            self.path = os.path.abspath(url) + ".workers.lock"
+        self.engine = None
+        if url.startswith(("postgresql", "postgres://")):
+            import sqlalchemy
+
+            # A connection of its own per lock, closed after: the lock dies with a killed worker.
+            self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.engine is None:
+            with self.local():
+                yield
+            return
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(hashtext('vit-stage1-workers'))"))
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(hashtext('vit-stage1-workers'))"))
+
+    def local(self):
+        """The file lock alone (a no-op for servers): enough to keep local workers apart."""
+        return _file_lock(self.path)
+
+
 @contextlib.contextmanager
 def _file_lock(path):
-    """An exclusive advisory lock on `path` (created if missing); no-op for None or without fcntl."""
+    """An exclusive advisory lock on `path` (created if missing); no-op for None or without fcntl.
+    Each call opens the file anew, so two threads of one process exclude each other too."""
     if path is None or fcntl is None:
         yield
         return
@@ -148,20 +193,134 @@ def make_study(storage, study_name: str, seed: int) -> optuna.Study:
     return study
 
 
-def fail_dead_local_trials(study: optuna.Study):
-    """Mark RUNNING trials of dead processes on this host FAIL and queue them again (journal storage)."""
+# ----------------------------------------------------------------------------- workers that die
+
+
+MAX_RETRIES = 2  # a configuration that kills its worker every time (out of memory) is given up after this
+
+
+def process_identity(pid: int | None = None) -> dict:
+    """What a trial records about its worker, so that a later worker can tell whether it still runs:
+    host, pid, and on Linux the pid's start time (a recycled pid has another) and pid namespace
+    (two containers may share a host name but not their pids)."""
+    pid = os.getpid() if pid is None else pid
+    return {"host": socket.gethostname(), "pid": pid, "pid_start": _proc_stat(pid)[1], "pid_ns": _pid_namespace()}
+
+
+def _proc_stat(pid: int) -> tuple:
+    """(state, start time in clock ticks since boot) from /proc; (None, None) without /proc;
+    ("gone", None) for no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return fields[0], fields[19]  # fields 3 and 22 of proc(5)
+    except FileNotFoundError:
+        return ("gone", None) if os.path.isdir("/proc/self") else (None, None)
+    except (OSError, IndexError):
+        return None, None
+
+
+def _pid_namespace():
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def is_dead_local_worker(attrs: dict) -> bool:
+    """True when the trial's worker ran on this machine and no longer does; trials of other
+    machines (or other pid namespaces) are never judged here: the heartbeat covers those."""
+    if attrs.get("host") != socket.gethostname() or "pid" not in attrs:
+        return False
+    if "pid_ns" in attrs and attrs["pid_ns"] != _pid_namespace():
+        return False
+    state, start = _proc_stat(attrs["pid"])
+    if state == "gone" or state == "Z":  # Z: killed, not yet reaped by its parent
+        return True
+    if state is not None:
+        return attrs.get("pid_start") not in (None, start)  # the pid now names another process
+    try:  # no /proc (macOS): existence is all we can see
+        os.kill(attrs["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        pass
+    return False
+
+
+def fail_dead_local_trials(study: optuna.Study) -> list:
+    """Mark FAIL the RUNNING trials whose worker on this machine died, and queue each again.
+
+    The caller holds the study's lock (StudyLock): Optuna's heartbeat may be failing the same trial
+    in another worker, and `requeue` must see the other's retry to skip its own.
+    """
+    failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("host") != socket.gethostname() or "pid" not in t.user_attrs:
+        if not is_dead_local_worker(t.user_attrs):
             continue
         try:
-            os.kill(t.user_attrs["pid"], 0)
-            continue  # still alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, someone else's
-        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.user_attrs.get("retry_of", t.number)})
+            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # the heartbeat of another worker was first
+            continue
+        failed.append(t.number)
+        requeue(study, t)
+    return failed
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial):
+    """Queue the failed `trial`'s parameters again, unless a retry of it is queued already or its
+    configuration has had MAX_RETRIES. The caller holds the study's lock."""
+    history = [*trial.user_attrs.get("retry_history", []), trial.number]  # every attempt, oldest first
+    if len(history) > MAX_RETRIES:
+        return
+    if any(t.user_attrs.get("retry_history", [None])[-1] == trial.number for t in study.get_trials(deepcopy=False)):
+        return
+    # A worker that died before its first suggestion holds its queued parameters only as fixed_params.
+    params = trial.params or trial.system_attrs.get("fixed_params", {})
+    study.enqueue_trial(params, user_attrs={"retry_of": history[0], "retry_history": history})
+
+
+class RequeueStaleTrial:
+    """Optuna's heartbeat callback: a worker anywhere stopped beating and Optuna failed its trial."""
+
+    def __init__(self, lock: StudyLock):
+        self.lock = lock
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial):
+        with self.lock():
+            requeue(study, trial)
+
+
+class TotalReached(Exception):
+    """--total: the finished trials, with those running or queued, make the asked total."""
+
+
+def counts_toward_total(t: optuna.trial.FrozenTrial) -> bool:
+    """Finished with a verdict on its configuration: completed, pruned, or failed on its own (diverged).
+    A trial that failed because its worker died or was interrupted is retried or replaced instead."""
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED) or "failure" in t.user_attrs
+
+
+class WorkerStudy(optuna.Study):
+    """The study as one of several workers sees it: before each trial it takes over the trials of
+    dead workers on this machine, and with `total` it starts no trial beyond that many."""
+
+    def __init__(self, study: optuna.Study, lock: StudyLock, total: int | None = None):
+        super().__init__(study_name=study.study_name, storage=study._storage, sampler=study.sampler,
+                         pruner=study.pruner)
+        self.lock, self.total = lock, total
+
+    def ask(self, fixed_distributions=None):
+        with self.lock():
+            fail_dead_local_trials(self)
+            if self.total is not None:
+                trials = self.get_trials(deepcopy=False)
+                queued = any(t.state == TrialState.WAITING for t in trials)  # a retry to take over
+                due = sum(counts_toward_total(t) or t.state == TrialState.RUNNING for t in trials)
+                if not queued and due >= self.total:
+                    raise TotalReached
+            return super().ask(fixed_distributions)
 
 
 def completed_by_value(study: optuna.Study) -> list:
@@ -183,8 +342,8 @@ class Objective:
         cfg = suggest_config(trial, self.base)
         run_dir = os.path.join(self.out_dir, f"trial_{trial.number:04d}")
         trial.set_user_attr("config", cfg.to_dict())
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
+        for key, value in process_identity().items():  # lets a later worker see that this one died
+            trial.set_user_attr(key, value)
         write_json(os.path.join(run_dir, "config.json"),
                    {"trial": trial.number, "config": cfg.to_dict(), "code_version": code_version()})
         s = self.splits
@@ -197,7 +356,11 @@ class Objective:
 
         def on_epoch(t: Trainer, record: dict):
             tensorboard(t, record)
-            torch.save(t.state_dict(), checkpoint)  # lets a retry of this trial continue from here
+            # Lets a retry of this trial continue from here. Written whole (write_bytes): a worker
+            # killed while writing leaves the previous epoch's checkpoint, not a torn one.
+            buf = io.BytesIO()
+            torch.save(t.state_dict(), buf)
+            write_bytes(checkpoint, buf.getbuffer())
             trial.set_user_attr("history", t.history)
             trial.report(record["val_acc"], record["epoch"])
             if trial.should_prune():
@@ -218,21 +381,24 @@ class Objective:
         return trainer.best_acc
 
     def _resume_if_retry(self, trial: optuna.Trial, trainer: Trainer):
+        """A retry continues from the newest checkpoint of the attempts before it: the last attempt
+        may have died before its first epoch ended."""
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # retries queued by Optuna's own callback (studies of older versions)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            original = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
-        original = trial.user_attrs.get("retry_of", original)  # journal storage: see fail_dead_local_trials
-        path = os.path.join(self.out_dir, f"trial_{original:04d}", "last.pt") if original is not None else None
-        if path is None or not os.path.isfile(path):
+            earlier = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+        for number in reversed(trial.user_attrs.get("retry_history", earlier)):
+            path = os.path.join(self.out_dir, f"trial_{number:04d}", "last.pt")
+            if not os.path.isfile(path):
+                continue
+            state = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+            if state["config"] != trainer.cfg.to_dict():
+                continue
+            trainer.load_state_dict(state)
+            for record in trainer.history:  # the pruner judges the whole curve, so replay it
+                trial.report(record["val_acc"], record["epoch"])
+            trial.set_user_attr("resumed_from", {"trial": number, "epoch": trainer.epoch})
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
-        if state["config"] != trainer.cfg.to_dict():
-            return
-        trainer.load_state_dict(state)
-        for record in trainer.history:  # the pruner judges the whole curve, so replay it
-            trial.report(record["val_acc"], record["epoch"])
-        trial.set_user_attr("resumed_from", {"trial": original, "epoch": trainer.epoch})
 
 
 # ----------------------------------------------------------------------------- reports
@@ -295,9 +461,58 @@ def _write_plots(study: optuna.Study, top: list, out_dir: str):
 # ----------------------------------------------------------------------------- command line
 
 
+class ResultsError(RuntimeError):
+    """The results folder cannot be written; the message says which and why."""
+
+
+def check_writable(folder: str):
+    """Fail now, in one line, rather than after the first epoch of the first trial."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ResultsError(f"cannot write results to {folder!r}: {e.strerror or e}") from None
+
+
+def usable_device(name: str) -> torch.device:
+    """--device as a torch.device; a DataError in one line for a name torch does not know or a
+    device this machine lacks, before any data is loaded. (Not evaluate.resolve_device: its
+    scikit-learn import would add 2 s to every worker's start.)"""
+    try:
+        device = pick_device(name)
+    except RuntimeError as e:
+        raise DataError(f"--device {name!r} is not a device: {str(e).splitlines()[0]}") from None
+    if device.type == "cuda":
+        present = (device.index or 0) < torch.cuda.device_count()
+    elif device.type == "mps":
+        present = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    else:  # xpu, meta, ...: names torch knows that this code was never run on
+        present = device.type == "cpu"
+    if not present:
+        raise DataError(f"--device {name}: torch {torch.__version__} finds no such device on this machine "
+                        f"({torch.cuda.device_count()} CUDA GPUs); use --device auto, cuda, mps or cpu")
+    return device
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line: the usage is in --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trials", type=int, default=40, help="trials to add to the study in this run (default: 40)")
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    how_many = p.add_mutually_exclusive_group()
+    how_many.add_argument("--trials", type=int, default=None,
+                          help="trials to add to the study in this run (default: 40); a retry of a trial whose "
+                               "worker died counts as one of them")
+    how_many.add_argument("--total", type=int, default=None,
+                          help="instead of --trials: run until the study holds this many finished trials (completed, "
+                               "pruned or diverged), every worker's counted; run the same command again after a "
+                               "crash, Ctrl-C or kill -9 and it runs only the missing ones, a killed trial "
+                               "continuing from its last epoch. Give every worker the same number")
     p.add_argument("--epochs", type=int, default=20, help="epochs per proxy trial (default: 20)")
     p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs (default: 6)")
     p.add_argument("--subset", type=float, default=0.2,
@@ -307,9 +522,9 @@ def parse_args(argv=None):
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading CIFAR-10")
     p.add_argument("--results", default="results", help="output folder (default: results)")
     p.add_argument("--storage", default=None,
-                   help="Optuna storage: an RDB URL (sqlite:///..., postgresql://..., mysql://...) or a "
-                        "journal file path for several processes on one machine "
-                        "(default: sqlite:///RESULTS/stage1.db)")
+                   help="Optuna storage: an RDB URL (sqlite:///..., postgresql://user:password@host/db, "
+                        "mysql://...) or a journal file path for several processes on one machine "
+                        "(default: sqlite:///RESULTS/stage1.db); a password is shown as ***")
     p.add_argument("--study-name", default="vit-cifar10", help="study name in the storage (default: vit-cifar10)")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the sampler and the training runs; give each parallel worker its own (default: 0)")
@@ -320,11 +535,14 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=3, help="configurations written to top3.json (default: 3)")
     p.add_argument("--heartbeat", type=int, default=60,
                    help="seconds between a running trial's heartbeats in RDB storage; a trial silent for 3 "
-                        "intervals is failed and retried (default: 60)")
+                        "intervals is failed and retried by another worker (default: 60)")
     args = p.parse_args(argv)
-    for name in ("trials", "epochs", "patience", "jobs", "top_k", "heartbeat"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.trials is None and args.total is None:
+        args.trials = 40
+    for name in ("trials", "total", "epochs", "patience", "jobs", "top_k", "heartbeat"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not 0.0 < args.subset <= 1.0:
         p.error(f"--subset must be in (0, 1], got {args.subset}")
     if args.storage is None:
@@ -334,25 +552,27 @@ def parse_args(argv=None):
 
 def run(args, splits=None):
     """Run the search; `splits` (tests) replaces CIFAR-10."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line of ours per trial instead
+    # Ours is one line per trial (after_trial) and one for an error that stops the run (main);
+    # Optuna would add a warning with a traceback for every failed trial.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     out_dir = os.path.join(args.results, "stage1")
-    device = pick_device(args.device)
+    device = usable_device(args.device)
+    check_writable(out_dir)
     storage = make_storage(args.storage, args.heartbeat)
     try:
-        study = make_study(storage, args.study_name, args.seed)
+        study = WorkerStudy(make_study(storage, args.study_name, args.seed), StudyLock(args.storage), args.total)
     except Exception as e:  # RDB storages may connect lazily: a server that went away fails here
         raise storage_error(args.storage, e) from None
     if splits is None:
         ds = load_cifar10(args.data_dir, download=not args.no_download)
         splits = train_val_splits(ds, subset_ratio=args.subset)
     splits = splits.to(device)
-    if isinstance(storage, optuna.storages.JournalStorage):
-        fail_dead_local_trials(study)
     base = TrainConfig(epochs=args.epochs, patience=args.patience, subset_ratio=args.subset, seed=args.seed)
     objective = Objective(base, splits, device, out_dir, compile=args.compile)
     t0 = time.perf_counter()
-    tqdm.write(f"study {args.study_name!r} in {redact_url(args.storage)}: {len(study.trials)} trials so far; adding "
-               f"{args.trials} on {device} ({len(splits.train_images)} training, {len(splits.val_images)} validation images)")
+    goal = f"adding {args.trials}" if args.total is None else f"running until {args.total} have finished"
+    tqdm.write(f"study {args.study_name!r} in {redact_url(args.storage)}: {len(study.trials)} trials so far; {goal} "
+               f"on {device} ({len(splits.train_images)} training, {len(splits.val_images)} validation images)")
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial):
         done = completed_by_value(study)
@@ -366,6 +586,8 @@ def run(args, splits=None):
     try:
         study.optimize(objective, n_trials=args.trials, n_jobs=args.jobs, callbacks=[after_trial],
                        catch=(Diverged,), gc_after_trial=False)
+    except TotalReached:  # raised by the next ask once the total is in hand
+        pass
     except KeyboardInterrupt:
         tqdm.write("interrupted: the running trial is marked FAIL, finished trials are kept; "
                    "run the same command to continue the study")
@@ -381,8 +603,11 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except (DataError, StorageError) as e:
+    except (DataError, StorageError, ResultsError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # during the run: a full disk, a results folder removed or made read-only
+        sys.exit(f"error: cannot write {e.filename or args.results!r}: {e.strerror or e}; "
+                 f"the trials told to the study so far are kept")
     except KeyboardInterrupt:
         sys.exit(130)
 

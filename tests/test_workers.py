@@ -1,0 +1,391 @@
+"""Stage-1 workers for real: several processes at once on one storage, workers killed with SIGKILL,
+a worker of another machine that went silent, bad command lines, a full or read-only disk.
+
+PostgreSQL tests need VIT_TEST_POSTGRES_URL (a user allowed to create databases): .ci/run starts a
+throwaway server (.ci/postgres.sh). Without it they are skipped, except on CI (CI=1), where they fail.
+"""
+
+import contextlib
+import fcntl
+import glob
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import stage1_search
+from stage1_search import make_storage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The real command line (main), on synthetic data and the cheapest model shape of the search space:
+# these tests are about workers, not models. Two test-only switches, both off by default:
+# START_BARRIER makes every worker wait at a lock until all have imported torch, so that they reach
+# the new storage within milliseconds of each other; HANG_IN_TRIAL parks the worker inside that trial right
+# after its first epoch is saved and reported, so that a SIGKILL lands mid-trial at a known point.
+WORKER = textwrap.dedent("""
+    import dataclasses, os, sys, time
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import optuna, stage1_search
+    from conftest import synthetic_splits
+
+    real_suggest, real_run = stage1_search.suggest_config, stage1_search.run
+    stage1_search.suggest_config = lambda trial, base: dataclasses.replace(
+        real_suggest(trial, base), patch_size=4, embed_dim=128, depth=4)
+    stage1_search.run = lambda args, splits=None: real_run(args, splits=synthetic_splits(n_train=128, n_val=64))
+
+    barrier = os.environ.get("START_BARRIER")
+    if barrier:  # the test holds an exclusive lock on it; its release wakes every waiting worker at once
+        import fcntl
+        open(f"{{barrier}}.{{os.getpid()}}", "w").close()
+        with open(barrier) as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+    hang = os.environ.get("HANG_IN_TRIAL")
+    if hang:
+        real_report = optuna.trial.Trial.report
+
+        def report_then_hang(trial, value, step):
+            real_report(trial, value, step)
+            if trial.number == int(hang):
+                open(os.environ["HANG_MARKER"], "w").close()
+                time.sleep(3600)
+
+        optuna.trial.Trial.report = report_then_hang
+    stage1_search.main(sys.argv[1:])
+""")
+
+
+@pytest.fixture
+def worker(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
+
+    def start(*args, env=None, prefix=()):
+        return subprocess.Popen([*prefix, sys.executable, str(script), "--results", str(tmp_path), *args],
+                                env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return start
+
+
+@pytest.fixture
+def new_postgres_database():
+    """Makes fresh databases on the server of VIT_TEST_POSTGRES_URL (a user allowed to create them),
+    so that no two tests or rounds share one; all are dropped afterwards."""
+    url = os.environ.get("VIT_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("VIT_TEST_POSTGRES_URL is not set: on CI, .ci/run must start the PostgreSQL server")
+        pytest.skip("VIT_TEST_POSTGRES_URL is not set (`. .ci/postgres.sh && start_test_postgres` starts a server)")
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
+    made = []
+
+    def make():
+        made.append(f"vit_test_{uuid.uuid4().hex[:12]}")
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f"CREATE DATABASE {made[-1]}"))
+        return sqlalchemy.engine.make_url(url).set(database=made[-1]).render_as_string(hide_password=False)
+    yield make
+    with admin.connect() as conn:
+        for name in made:
+            conn.execute(sqlalchemy.text(f"DROP DATABASE {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def postgres_url(new_postgres_database):
+    return new_postgres_database()
+
+
+@pytest.fixture(params=["sqlite", "journal", "postgresql"])
+def storage_url(request, tmp_path):
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return f"sqlite:///{tmp_path}/stage1.db" if request.param == "sqlite" else str(tmp_path / "stage1.journal")
+
+
+def trials_of(url):
+    """The study's trials as they are now; no connection is left open (a test may unmount the file's disk)."""
+    storage = make_storage(url, heartbeat=5)
+    try:
+        return optuna.load_study(study_name="vit-cifar10", storage=storage).trials
+    finally:
+        if isinstance(storage, optuna.storages.RDBStorage):
+            storage.engine.dispose()
+
+
+def finish(proc, timeout=300):
+    out = proc.communicate(timeout=timeout)[0].decode()
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    return out
+
+
+def wait_for(path, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()[0].decode()
+        assert time.time() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.1)
+
+
+def kill_parked_worker(proc, marker):
+    """SIGKILL once the worker sits inside its trial after epoch 1; reap it, as its shell would."""
+    wait_for(marker, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_four_workers_started_at_once_on_a_new_storage(tmp_path, worker, storage_url):
+    """Before the schema lock, 4 workers on a fresh SQLite file crashed with 'table alembic_version already exists'."""
+    barrier = str(tmp_path / "go")
+    with open(barrier, "w") as gate:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        procs = [worker("--storage", storage_url, "--trials", "1", "--epochs", "1", "--seed", str(seed),
+                        env={"START_BARRIER": barrier}) for seed in range(4)]
+        deadline = time.time() + 120
+        while len(glob.glob(barrier + ".*")) < 4:  # all four have imported torch and wait at the gate
+            assert time.time() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.05)
+        time.sleep(0.2)  # from its marker to the lock call a worker takes microseconds
+        fcntl.flock(gate, fcntl.LOCK_UN)
+    for p in procs:
+        finish(p)
+    trials = trials_of(storage_url)
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert {t.user_attrs["pid"] for t in trials} == {p.pid for p in procs}
+
+
+# Each racer opens the same fresh storages, one per round, all four at once at every round.
+RACER = textwrap.dedent("""
+    import fcntl, os, sys
+    sys.path.insert(0, {root!r})
+    import stage1_search
+    gate, urls = sys.argv[1], sys.argv[2:]
+    for i, url in enumerate(urls):
+        open(f"{{gate}}.{{i}}.{{os.getpid()}}", "w").close()
+        with open(f"{{gate}}.{{i}}") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+        stage1_search.make_study(stage1_search.make_storage(url, heartbeat=5), "vit-cifar10", seed=0)
+""")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_four_workers_creating_a_new_storage_at_the_same_moment_never_crash(tmp_path, request, kind):
+    """Optuna's schema race, 6 rounds of 4 workers: the first 4-worker test alone caught the
+    race of the old code in 2 runs of 3."""
+    rounds = 6
+    if kind == "postgresql":
+        urls = [request.getfixturevalue("new_postgres_database")() for _ in range(rounds)]
+    else:
+        urls = [f"sqlite:///{tmp_path}/round{i}.db" for i in range(rounds)]
+    script, gate = tmp_path / "racer.py", str(tmp_path / "gate")
+    script.write_text(RACER.format(root=ROOT))
+    gates = [open(f"{gate}.{i}", "w") for i in range(rounds)]
+    for g in gates:
+        fcntl.flock(g, fcntl.LOCK_EX)
+    procs = [subprocess.Popen([sys.executable, str(script), gate, *urls], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for _ in range(4)]
+    for i, g in enumerate(gates):
+        deadline = time.time() + 120
+        while len(glob.glob(f"{gate}.{i}.*")) < 4:
+            crashed = [p.communicate()[0].decode() for p in procs if p.poll() is not None]
+            assert time.time() < deadline and not crashed, crashed
+            time.sleep(0.02)
+        time.sleep(0.1)
+        fcntl.flock(g, fcntl.LOCK_UN)
+        g.close()
+    for p in procs:
+        finish(p)
+    for url in urls:
+        assert trials_of(url) == []
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_killed_worker_restarted_at_once_retries_its_trial_from_its_checkpoint(tmp_path, worker, kind):
+    url = f"sqlite:///{tmp_path}/stage1.db" if kind == "sqlite" else str(tmp_path / "stage1.journal")
+    command = ["--storage", url, "--total", "2", "--epochs", "2", "--patience", "2"]
+    marker = str(tmp_path / "parked")
+    kill_parked_worker(worker(*command, env={"HANG_IN_TRIAL": "1", "HANG_MARKER": marker}), marker)
+    before = trials_of(url)
+    assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.RUNNING]  # nobody has noticed the death yet
+    killed = before[1]
+    assert os.path.isfile(tmp_path / "stage1" / "trial_0001" / "last.pt")
+
+    finish(worker(*command))  # the same command, at once: long before any heartbeat goes stale
+    trials = trials_of(url)
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]  # 2 completed
+    first, retry = trials[0], trials[2]
+    assert (first.value, first.params, first.user_attrs["history"], first.datetime_complete) == (
+        before[0].value, before[0].params, before[0].user_attrs["history"], before[0].datetime_complete)
+    assert retry.params == killed.params and retry.user_attrs["retry_of"] == 1
+    assert retry.user_attrs["resumed_from"] == {"trial": 1, "epoch": 1}
+    assert retry.user_attrs["history"][0] == killed.user_attrs["history"][0]  # epoch 1 is the killed trial's own
+    assert len(retry.user_attrs["history"]) == 2
+
+
+def test_a_silent_worker_of_another_machine_is_taken_over_through_the_heartbeat(tmp_path, worker, postgres_url):
+    """The dead worker ran under another host name (a UTS namespace), so no local check applies:
+    only Optuna's heartbeat can tell that it died."""
+    if subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --uts needs root (it gives the first worker another host name)")
+    command = ["--storage", postgres_url, "--trials", "1", "--epochs", "2", "--patience", "2", "--heartbeat", "2"]
+    marker = str(tmp_path / "parked")
+    elsewhere = ["unshare", "--uts", "sh", "-c", 'hostname machine-b && exec "$@"', "sh"]
+    kill_parked_worker(worker(*command, env={"HANG_IN_TRIAL": "0", "HANG_MARKER": marker}, prefix=elsewhere), marker)
+    time.sleep(3 * 2 + 1)  # silent for longer than 3 heartbeats: stale from now on, whatever the machine's speed
+
+    finish(worker(*command))
+    trials = trials_of(postgres_url)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # --trials 1 ran the retry
+    assert trials[0].user_attrs["host"] == "machine-b" and trials[1].user_attrs["host"] == socket.gethostname()
+    assert trials[1].params == trials[0].params and trials[1].user_attrs["resumed_from"] == {"trial": 0, "epoch": 1}
+
+
+def test_bad_input_ends_in_one_line_without_a_traceback(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    cases = {  # flags: what stderr must say
+        ("--subset", "0"): "--subset must be in (0, 1], got 0.0",
+        ("--subset", "1.5"): "--subset must be in (0, 1], got 1.5",
+        ("--trials", "-1"): "--trials must be positive, got -1",
+        ("--epochs", "0"): "--epochs must be positive, got 0",
+        ("--total", "0"): "--total must be positive, got 0",
+        ("--trials", "3", "--total", "3"): "argument --total: not allowed with argument --trials",
+        ("--device", "tpu9"): "--device 'tpu9' is not a device",
+        ("--storage", "postgresql://u:secret@127.0.0.1:1/db"): "cannot open Optuna storage 'postgresql://u:***@127.0.0.1:1/db'",
+        ("--storage", "postgresql://u:secret@127.0.0.1:notaport/db"): "cannot open Optuna storage 'postgresql://u:***@",
+        ("--storage", "nosuchdriver://u:secret@host/db"): "cannot open Optuna storage 'nosuchdriver://u:***@host/db'",
+        ("--results", str(a_file / "results")): f"cannot write results to '{a_file}/results/stage1': Not a directory",
+    }
+    import torch
+
+    if not torch.cuda.is_available():
+        cases[("--device", "cuda")] = "--device cuda: torch"
+    common = ["--no-download", "--data-dir", str(tmp_path / "no_data"), "--results", str(tmp_path / "r")]
+    # Three as real command lines, one of each kind of check; the rest through main() in this process.
+    in_subprocesses = [("--subset", "0"), ("--storage", "postgresql://u:secret@127.0.0.1:1/db"),
+                       ("--results", str(a_file / "results"))]
+    procs = {flags: subprocess.Popen([sys.executable, os.path.join(ROOT, "stage1_search.py"), *common, *flags],
+                                     cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for flags in in_subprocesses}
+    said = {}
+    for flags in cases:
+        if flags in procs:
+            out, err = procs[flags].communicate(timeout=120)
+            said[flags] = (procs[flags].returncode, out, err)
+            continue
+        with pytest.raises(SystemExit) as stop:
+            stage1_search.main([*common, *flags])
+        out, err = capsys.readouterr()
+        code = stop.value.code  # main's sys.exit("error: ...") prints its message on the way out
+        said[flags] = (1 if isinstance(code, str) else code, out, err + (code + "\n" if isinstance(code, str) else ""))
+    for flags, (code, out, err) in said.items():
+        assert code in (1, 2) and cases[flags] in err, (flags, code, err)
+        assert err.count("\n") == 1 and "Traceback" not in err and "secret" not in out + err, (flags, err)
+    assert not os.path.exists(tmp_path / "r" / "stage1.db")  # nothing was created for a run that never started
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_leaves_the_study_whole(worker, tmpfs):
+    filler = tmpfs / "other_files"  # a disk all but full: the tiny model's checkpoint (7-10 MB) does not fit
+    filler.write_bytes(bytes(13 * 2**20))
+    url = f"sqlite:///{tmpfs}/stage1.db"
+    command = ["--results", str(tmpfs), "--storage", url, "--total", "1", "--epochs", "1"]
+    full = worker(*command)
+    out = full.communicate(timeout=300)[0].decode()
+    assert full.returncode == 1 and "Traceback" not in out, out
+    assert out.strip().splitlines()[-1] == (f"error: cannot write '{tmpfs}/stage1/trial_0000/last.pt': "
+                                            "No space left on device; the trials told to the study so far are kept")
+    assert not glob.glob(f"{tmpfs}/**/*.tmp", recursive=True)  # the half-written checkpoint gave its space back
+    with contextlib.closing(sqlite3.connect(tmpfs / "stage1.db")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert [t.state for t in trials_of(url)] == [TrialState.FAIL]
+
+    filler.unlink()  # space freed: the same command goes on
+    finish(worker(*command))
+    assert [t.state for t in trials_of(url)] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+def test_a_read_only_results_folder_is_refused_before_the_study_is_touched(tmp_path, tmpfs):
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "stage1_search.py"), "--results", str(tmpfs),
+                           "--storage", f"sqlite:///{tmp_path}/stage1.db"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: cannot write results to '{tmpfs}/stage1': Read-only file system\n"), proc.stderr
+    assert not os.path.exists(tmp_path / "stage1.db")
+
+
+def test_ctrl_c_marks_the_running_trial_failed_and_keeps_the_finished_ones(tmp_path, worker):
+    marker = str(tmp_path / "parked")
+    proc = worker("--trials", "3", "--epochs", "1", env={"HANG_IN_TRIAL": "1", "HANG_MARKER": marker})
+    wait_for(marker, proc)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130 and "interrupted" in out and "Traceback" not in out, out
+    trials = trials_of(f"sqlite:///{tmp_path}/stage1.db")
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert (tmp_path / "stage1" / "summary.md").read_text().count("| FAIL |") == 1
+
+
+# ----------------------------------------------------------------------------- in this process, with real processes
+
+
+def test_a_worker_is_dead_when_its_pid_is_gone_a_zombie_or_another_process():
+    alive = subprocess.Popen(["sleep", "60"])
+    identity = stage1_search.process_identity(alive.pid)
+    assert not stage1_search.is_dead_local_worker(identity)
+    assert not stage1_search.is_dead_local_worker({**identity, "host": "machine-b"})  # another machine's: the heartbeat's
+    # The same pid with another start time: the pid was recycled for a new process after the worker died.
+    assert stage1_search.is_dead_local_worker({**identity, "pid_start": str(int(identity["pid_start"]) - 1)})
+    alive.kill()
+    while stage1_search._proc_stat(alive.pid)[0] != "Z":  # killed, not reaped yet: a zombie
+        time.sleep(0.01)
+    assert stage1_search.is_dead_local_worker(identity)
+    alive.wait()
+    assert stage1_search.is_dead_local_worker(identity)
+
+
+LR = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}
+
+
+def died_in(trial):
+    """Record a worker of this machine that has exited as the trial's."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for key, value in stage1_search.process_identity(int(dead.stdout)).items():
+        trial.set_user_attr(key, value)
+    return trial
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() outside optimize(), on purpose
+def test_a_dead_trial_failed_by_both_the_heartbeat_and_the_local_check_is_retried_once(tmp_path):
+    url = f"sqlite:///{tmp_path}/stage1.db"
+    study = stage1_search.make_study(make_storage(url, heartbeat=5), "vit-cifar10", seed=0)
+    trial = died_in(study.ask(LR))
+    # Both noticed the death at the same moment and both set FAIL; each then asks for a retry.
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    frozen = study.trials[0]
+    stage1_search.RequeueStaleTrial(stage1_search.StudyLock(url))(study, frozen)
+    stage1_search.requeue(study, frozen)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[1].user_attrs["retry_history"] == [0]
+
+
+def test_a_configuration_that_keeps_killing_its_worker_is_given_up_after_max_retries(tmp_path):
+    study = stage1_search.make_study(make_storage(str(tmp_path / "stage1.journal"), heartbeat=5), "vit-cifar10", 0)
+    trial = died_in(study.ask(LR))
+    for attempt in range(stage1_search.MAX_RETRIES):
+        assert stage1_search.fail_dead_local_trials(study) == [trial.number]
+        trial = died_in(study.ask(LR))  # a worker takes the retry over and dies in it too
+        assert trial.params == study.trials[0].params
+        assert trial.user_attrs["retry_history"] == list(range(attempt + 1))
+    assert stage1_search.fail_dead_local_trials(study) == [trial.number]
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * (stage1_search.MAX_RETRIES + 1)  # none queued
