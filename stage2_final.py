@@ -9,12 +9,21 @@ results/stage2/<model>/: config.json, TensorBoard curves, best.pt and last.pt (e
 to continue, so running the same command again after an interruption picks up at the next epoch;
 --fresh starts over) and curves.png. evaluate.py then tests each best.pt on the 10,000 test images,
 and results/stage2/report.md and comparison.png put the models side by side.
+
+Several workers (processes, GPUs, machines sharing the folder) may run the same command on one
+results folder: each model is trained by the one worker holding its claim.json, a finished model
+is marked by done.json and skipped, a dead local worker's model is taken over and resumed, and the
+last worker to finish writes the report (--report-only rebuilds it from the folders at any time).
 """
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, fields
 
 import optuna
@@ -24,14 +33,19 @@ from tqdm.auto import tqdm
 
 from data import DataError, load_cifar10, train_val_splits
 from evaluate import evaluate_checkpoint, load_checkpoint, resolve_device
-from report import TensorBoardLogger, code_version, plot_curves, write_json, write_text
-from stage1_search import StorageError, completed_by_value, make_storage, storage_error
+from report import TensorBoardLogger, code_version, plot_curves, write_bytes, write_json, write_text
+from stage1_search import (OneLineParser, ResultsError, StorageError, _file_lock, check_writable, completed_by_value,
+                           is_dead_local_worker, make_storage, process_identity, redact_url, storage_error)
 from train import Diverged, TrainConfig, Trainer
 
 CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
-# Everything a run writes into its folder; --fresh removes exactly these, nothing a person put there.
-RUN_OUTPUTS = ("last.pt", "best.pt", "curves.png", "metrics.json", "classification_report.txt",
-               "confusion_matrix.png", "confusion_matrix.csv")
+CLAIM, DONE = "claim.json", "done.json"  # in a model's folder: who is training it; its finished report row
+# Everything a run writes into its folder; --fresh removes exactly these, nothing a person put there
+# (metrics.json: what evaluate.py called test_metrics.json before it stopped overwriting stage 1's).
+RUN_OUTPUTS = ("last.pt", "best.pt", "curves.png", "test_metrics.json", "metrics.json", "classification_report.txt",
+               "confusion_matrix.png", "confusion_matrix.csv", DONE)
+# What a last.pt must hold to be resumed; one written by an older version of this code may lack some.
+CHECKPOINT_KEYS = {"config", "model", "optimizer", "scheduler", "epoch", "history", "early_stopping", "rng"}
 
 
 @dataclass
@@ -63,13 +77,18 @@ def open_study(args) -> optuna.Study:
         raise storage_error(url, e) from None
     if args.study_name not in names:
         held = ", ".join(repr(n) for n in names) or "none"
-        raise StorageError(f"no study {args.study_name!r} in {url} (it holds: {held}); pass --study-name")
+        raise StorageError(f"no study {args.study_name!r} in {redact_url(url)} (it holds: {held}); pass --study-name")
     return optuna.load_study(study_name=args.study_name, storage=storage)
 
 
 def candidates_from_study(args) -> list:
-    study = open_study(args)
-    where = f"study {args.study_name!r} in {args.storage}"
+    return candidates_from_trials(open_study(args), args)
+
+
+def candidates_from_trials(study: optuna.Study, args) -> list:
+    """The chosen trials of the study, as stage-2 candidates; args.storage only names where they come from."""
+    # Into config.json, the report and the log: never the storage's password.
+    where = f"study {args.study_name!r} in {redact_url(args.storage)}"
     if args.trials:
         by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
         missing = [n for n in args.trials if n not in by_number]
@@ -133,13 +152,128 @@ def candidates_from_file(path: str, args) -> list:
     return candidates
 
 
+# ----------------------------------------------------------------------------- sharing the models between workers
+
+
+def _load_json(path: str):
+    """The file's JSON, or None if there is no such file (OSError or ValueError if it is unreadable)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _read_claim(path: str) -> dict | None:
+    try:
+        claim = _load_json(path)
+    except (OSError, ValueError):
+        claim = "unreadable"
+    if claim is None:
+        return None
+    if not isinstance(claim, dict) or not isinstance(claim.get("pid"), int) or "host" not in claim:
+        raise DataError(f"{path} is not a claim written by stage2_final.py; delete it if no worker is training "
+                        f"that model")
+    return claim
+
+
+def take_claim(run_dir: str) -> str | None:
+    """Make this process the one worker that trains the model in run_dir: None if it now is, else who is.
+
+    The claim is a file that appears atomically, already complete (a hard link to a written temporary
+    file: the O_EXCL of a file with content), so that two workers, even on two machines sharing the
+    folder, never both get it. A claim whose process is dead on this host is taken over, and the
+    model resumes from its last.pt; a claim of another host is left alone, since only that host can
+    tell whether its worker lives (delete the file if that machine is gone for good).
+    """
+    path = os.path.join(run_dir, CLAIM)
+    me = {**process_identity(), "claimed_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.makedirs(run_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=CLAIM + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        with _file_lock(path + ".lock"):  # one local worker at a time judges and removes a dead claim
+            for _ in range(3):  # a claim may be released or removed between two steps: look again
+                try:
+                    os.link(tmp, path)
+                    return None
+                except FileExistsError:
+                    holder = _read_claim(path)
+                if holder is None:
+                    continue
+                if not is_dead_local_worker(holder):  # alive, or on another host: only that host can tell
+                    return (f"{holder['host']} pid {holder['pid']} (claimed {holder.get('claimed_at', '?')}; "
+                            f"{path})")
+                tqdm.write(f"{os.path.basename(run_dir)}: its worker, pid {holder['pid']} on this host, is dead; "
+                           f"taking the model over")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            return f"another worker ({path})"
+    finally:
+        os.remove(tmp)
+
+
+def release_claim(run_dir: str):
+    path = os.path.join(run_dir, CLAIM)
+    holder = _read_claim(path)
+    me = process_identity()
+    if holder is not None and (holder["host"], holder["pid"]) == (me["host"], me["pid"]):
+        os.remove(path)
+
+
+def _other_config(c: Candidate, path: str) -> DataError:
+    return DataError(f"{path} was trained with another configuration than {c.source}; pass --fresh to start it "
+                     f"over, or --results to write elsewhere")
+
+
+def finished_row(c: Candidate, run_dir: str, fresh_since: float | None = None) -> dict | None:
+    """The model's report row if a worker has trained and tested it (its done.json), else None.
+
+    fresh_since (--fresh: when this worker started): a model finished before then is to be done
+    again; one finished since is another worker's share of the same fresh start.
+    """
+    path = os.path.join(run_dir, DONE)
+    try:
+        row = _load_json(path)
+        if row is not None and not isinstance(row, dict):
+            raise ValueError
+    except (OSError, ValueError):
+        raise DataError(f"{path} is unreadable; delete it to train and test {c.name} again") from None
+    if row is None:
+        return None
+    if fresh_since is not None and row.get("finished_at", 0) < fresh_since:
+        return None
+    if row.get("config") != c.config.to_dict():
+        raise _other_config(c, path)
+    return row
+
+
+def row_from_disk(c: Candidate, run_dir: str) -> dict:
+    """What the report says about a model: its finished row, or how far it has got."""
+    row = finished_row(c, run_dir)
+    if row is not None:
+        return row
+    last, epochs = os.path.join(run_dir, "last.pt"), 0
+    if os.path.isfile(last):
+        with contextlib.suppress(DataError):  # an unreadable last.pt is reported when a worker meets it
+            epochs = load_checkpoint(last).get("epoch", 0)
+    holder = _read_claim(os.path.join(run_dir, CLAIM))
+    who = f", being trained by {holder['host']} pid {holder['pid']}" if holder else ""
+    return {**_row(c), "epochs_run": epochs, "stopped_early": False, "failure": "",
+            "unfinished": f"not finished yet ({epochs} of {c.config.epochs} epochs in last.pt{who})"}
+
+
 # ----------------------------------------------------------------------------- training one model
 
 
 def save_checkpoint(state: dict, path: str):
-    # Through a temporary file: a kill mid-write must not destroy the checkpoint a resume needs.
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    # Serialised in memory, then written whole through a temporary file (write_bytes): a kill or a
+    # full disk mid-write keeps the checkpoint a resume needs, and a full disk raises a plain OSError,
+    # which torch's own file writer turns into an opaque RuntimeError.
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes(path, buf.getbuffer())
 
 
 def clear_run(run_dir: str):
@@ -148,19 +282,34 @@ def clear_run(run_dir: str):
             os.remove(os.path.join(run_dir, name))
 
 
-def train_model(c: Candidate, splits, args, device, out_dir: str) -> dict:
+def resume(trainer: Trainer, c: Candidate, last: str):
+    """Load last.pt into the trainer, or refuse one this run cannot continue; it is never overwritten silently."""
+    state = load_checkpoint(last)  # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
+    again = "pass --fresh to start it over (its checkpoints are deleted), or --results to write elsewhere"
+    missing = sorted(CHECKPOINT_KEYS - state.keys())
+    if missing:
+        raise DataError(f"{last} comes from an older, incompatible version of this code (no {', '.join(missing)}); "
+                        f"{again}")
+    if not isinstance(state["config"], dict) or state["config"].keys() != set(CONFIG_KEYS):
+        raise DataError(f"{last} comes from an older, incompatible version of this code (its configuration has "
+                        f"other keys); {again}")
+    if state["config"] != c.config.to_dict():
+        raise _other_config(c, last)
+    try:
+        trainer.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise DataError(f"{last} does not fit this code's model or optimizer ({str(e).splitlines()[0]}); "
+                        f"{again}") from None
+
+
+def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
     """Train (or resume, or skip if done) one model; return its training summary."""
-    run_dir = os.path.join(out_dir, c.name)
     last, best = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     os.makedirs(run_dir, exist_ok=True)
     cfg, s = c.config, splits
     trainer = Trainer(cfg, s.train_images, s.train_labels, s.val_images, s.val_labels, device, compile=args.compile)
     if os.path.isfile(last) and not args.fresh:
-        state = load_checkpoint(last)  # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
-        if state["config"] != cfg.to_dict():
-            raise DataError(f"{last} was trained with another configuration than {c.source}; pass --fresh to "
-                            f"start it over, or --results to write elsewhere")
-        trainer.load_state_dict(state)
+        resume(trainer, c, last)
     else:
         clear_run(run_dir)  # a run from scratch must not inherit the curves or checkpoints of an older one
     if trainer.epoch == 0 or not os.path.isfile(os.path.join(run_dir, "config.json")):
@@ -209,9 +358,29 @@ def train_model(c: Candidate, splits, args, device, out_dir: str) -> dict:
 def _summary(c: Candidate, trainer: Trainer, run_dir: str, failure: str = "") -> dict:
     plot_curves(trainer.history, os.path.join(run_dir, "curves.png"),
                 f"{c.name}: best val acc {trainer.best_acc:.4f} at epoch {trainer.best_epoch}")
+    return {**_row(c), "epochs_run": trainer.epoch, "stopped_early": trainer.stopped_early, "failure": failure}
+
+
+def _row(c: Candidate) -> dict:
     return {"model": c.name, "source": c.source, "config": c.config.to_dict(), "stage1_val_acc": c.stage1_val_acc,
-            "epochs_run": trainer.epoch, "max_epochs": c.config.epochs, "stopped_early": trainer.stopped_early,
-            "failure": failure}
+            "max_epochs": c.config.epochs}
+
+
+def train_and_test(c: Candidate, splits, ds, args, device, run_dir: str):
+    """Train one model, test its best checkpoint, and mark it done with its report row."""
+    row = train_model(c, splits, args, device, run_dir)
+    best = os.path.join(run_dir, "best.pt")
+    if os.path.isfile(best):
+        m = evaluate_checkpoint(best, ds, device)
+        with open(os.path.join(run_dir, "classification_report.txt")) as f:
+            report = f.read()
+        row.update(test_acc=m["accuracy"], precision=m["macro"]["precision"], recall=m["macro"]["recall"],
+                   f1=m["macro"]["f1"], best_val_acc=m["val_acc"], best_epoch=m["epoch"],
+                   test_images=m["test_images"], classification_report=report)
+        tqdm.write(f"{c.name}: test accuracy {m['accuracy']:.4f} (best val acc {m['val_acc']:.4f}), "
+                   f"macro F1 {m['macro']['f1']:.4f}")
+    # Last: a worker killed before this line leaves the model to the next one, which resumes it.
+    write_json(os.path.join(run_dir, DONE), {**row, "finished_at": time.time(), "worker": process_identity()})
 
 
 # ----------------------------------------------------------------------------- report
@@ -264,7 +433,7 @@ def write_report(rows: list, out_dir: str, args):
     for r in rows:
         run = f"{r['epochs_run']} of {r['max_epochs']}" + (", stopped early" if r["stopped_early"] else "")
         if r.get("test_acc") is None:
-            lines.append(f"| {r['model']} | not tested | | | | | | {run}: {r['failure']} |")
+            lines.append(f"| {r['model']} | not tested | | | | | | {run}: {r['failure'] or r.get('unfinished')} |")
             continue
         gap = f"{100 * (r['best_val_acc'] - r['test_acc']):+.2f} points"
         lines.append(f"| {r['model']} | {_pct(r['test_acc'])} | {_pct(r['precision'])} | {_pct(r['recall'])} | "
@@ -281,6 +450,8 @@ def write_report(rows: list, out_dir: str, args):
         lines += ["", f"## {r['model']}", "", f"From {r['source']}.{stage1}", "", f"Configuration: {cfg}", ""]
         if r["failure"]:
             lines += [f"Training failed: {r['failure']}.", ""]
+        if r.get("unfinished"):
+            lines += [f"{r['unfinished'][0].upper()}{r['unfinished'][1:]}.", ""]
         if r.get("test_acc") is None:
             lines += [f"![training curves]({r['model']}/curves.png)"]
             continue
@@ -291,7 +462,7 @@ def write_report(rows: list, out_dir: str, args):
             f"{100 * (r['best_val_acc'] - r['test_acc']):+.2f} points.", "",
             f"![training and validation curves]({r['model']}/curves.png)", "",
             f"![confusion matrix, counts and row-normalised]({r['model']}/confusion_matrix.png)", "",
-            f"[metrics.json]({r['model']}/metrics.json) · "
+            f"[test_metrics.json]({r['model']}/test_metrics.json) · "
             f"[confusion_matrix.csv]({r['model']}/confusion_matrix.csv)", "",
             "```", r["classification_report"].rstrip(), "```",
         ]
@@ -304,7 +475,7 @@ def write_report(rows: list, out_dir: str, args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--trials", type=int, nargs="+", metavar="N", default=None,
                        help="retrain these stage-1 trials by number instead of the top k (default: the top k)")
@@ -316,7 +487,10 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=int, default=15,
                    help="stop a model after this many epochs without a better validation accuracy (default: 15)")
     p.add_argument("--fresh", action="store_true",
-                   help="start every model over instead of continuing from its last.pt")
+                   help="start every model over instead of continuing from its last.pt or skipping it when done "
+                        "(models other workers finish after this one started are kept)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rebuild report.md from the models' folders as they are now")
     p.add_argument("--data-dir", default="data",
                    help="folder holding (or to receive) cifar-10-batches-py/ (default: data)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading CIFAR-10")
@@ -333,6 +507,8 @@ def parse_args(argv=None):
     for name in ("top_k", "epochs", "patience"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.report_only and args.fresh:
+        p.error("--report-only trains nothing, so --fresh has nothing to start over")
     if args.trials is not None and min(args.trials) < 0:
         p.error(f"--trials takes trial numbers (0 or more), got {min(args.trials)}")
     if args.storage is None:
@@ -341,40 +517,68 @@ def parse_args(argv=None):
 
 
 def run(args, ds=None) -> list:
-    """Train, test and report every chosen configuration; `ds` (tests) replaces CIFAR-10. Returns the rows."""
-    device = resolve_device(args.device)
+    """Train and test every chosen model that no other worker has taken or finished, then report
+    them all if none is left; `ds` (tests) replaces CIFAR-10. Returns every model's row, as far as it got."""
+    started = time.time()
+    device = None if args.report_only else resolve_device(args.device)
     # Configurations first: a missing study should fail in a second, not after loading the data.
     candidates = candidates_from_file(args.config, args) if args.config else candidates_from_study(args)
-    tqdm.write(f"stage 2: {len(candidates)} model(s): {', '.join(c.name for c in candidates)}")
-    if ds is None:
-        ds = load_cifar10(args.data_dir, download=not args.no_download)
-    splits = train_val_splits(ds, subset_ratio=1.0, device=device)
     out_dir = os.path.join(args.results, "stage2")
-    rows = []
+    run_dirs = {c.name: os.path.join(out_dir, c.name) for c in candidates}
+    if args.report_only:
+        rows = [row_from_disk(c, run_dirs[c.name]) for c in candidates]
+        write_report(rows, out_dir, args)
+        tqdm.write(f"report of {len(rows)} model(s), {sum('unfinished' not in r for r in rows)} of them finished, "
+                   f"in {os.path.join(out_dir, 'report.md')}")
+        return rows
+    check_writable(out_dir)
+    tqdm.write(f"stage 2: {len(candidates)} model(s): {', '.join(c.name for c in candidates)}")
+    fresh_since = started if args.fresh else None
+    todo = []
     for c in candidates:
-        row = train_model(c, splits, args, device, out_dir)
-        best = os.path.join(out_dir, c.name, "best.pt")
-        if os.path.isfile(best):
-            m = evaluate_checkpoint(best, ds, device)
-            with open(os.path.join(out_dir, c.name, "classification_report.txt")) as f:
-                report = f.read()
-            row.update(test_acc=m["accuracy"], precision=m["macro"]["precision"], recall=m["macro"]["recall"],
-                       f1=m["macro"]["f1"], best_val_acc=m["val_acc"], best_epoch=m["epoch"],
-                       test_images=m["test_images"], classification_report=report)
-            tqdm.write(f"{c.name}: test accuracy {m['accuracy']:.4f} (best val acc {m['val_acc']:.4f}), "
-                       f"macro F1 {m['macro']['f1']:.4f}")
-        rows.append(row)
-    write_report(rows, out_dir, args)
-    tqdm.write(f"done: report in {os.path.join(out_dir, 'report.md')}")
+        if finished_row(c, run_dirs[c.name], fresh_since) is None:
+            todo.append(c)
+        else:
+            tqdm.write(f"{c.name}: already trained and tested; skipping it (delete its {DONE} to test it again)")
+    if todo:
+        if ds is None:
+            ds = load_cifar10(args.data_dir, download=not args.no_download)
+        splits = train_val_splits(ds, subset_ratio=1.0, device=device)
+    for c in todo:
+        run_dir = run_dirs[c.name]
+        holder = take_claim(run_dir)
+        if holder is not None:
+            tqdm.write(f"{c.name}: being trained by {holder}; leaving it to that worker")
+            continue
+        try:
+            # Checked again under the claim: another worker may have finished it since the list was made.
+            if finished_row(c, run_dir, fresh_since) is None:
+                train_and_test(c, splits, ds, args, device, run_dir)
+        finally:
+            release_claim(run_dir)
+    rows = [row_from_disk(c, run_dirs[c.name]) for c in candidates]
+    waiting = [r["model"] for r in rows if "unfinished" in r]
+    if waiting:
+        # Every worker marks its models done before it looks here, so the last one to finish sees none left.
+        tqdm.write(f"stage 2: {', '.join(waiting)} not finished yet: other workers are on them (if one has died, "
+                   f"start a worker again to resume its model); the last worker to finish writes report.md, or run "
+                   f"with --report-only")
+    else:
+        write_report(rows, out_dir, args)
+        tqdm.write(f"done: report in {os.path.join(out_dir, 'report.md')}")
     return rows
 
 
-def main(argv=None):
+def main(argv=None, ds=None):
     args = parse_args(argv)
     try:
-        run(args)
-    except (DataError, StorageError) as e:
+        run(args, ds)
+    except (DataError, StorageError, ResultsError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, or a results folder that stopped being writable mid-run
+        what = f" {e.filename!r}" if e.filename else ""
+        sys.exit(f"error: cannot write{what}: {e.strerror or e}; each model's last.pt and best.pt keep its last "
+                 f"finished epoch: free some space (or fix --results) and run the same command again")
     except KeyboardInterrupt:
         print("interrupted: each model's last.pt holds its last finished epoch; run the same command to continue",
               file=sys.stderr)

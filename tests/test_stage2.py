@@ -12,8 +12,8 @@ from optuna.trial import TrialState, create_trial
 
 import stage2_final
 import train
-from conftest import synthetic_splits
-from data import CIFAR10, DataError
+from conftest import synthetic_cifar
+from data import DataError, train_val_splits
 from report import TensorBoardLogger
 from stage1_search import StorageError, make_storage, write_reports
 from stage2_final import parse_args, run
@@ -21,15 +21,13 @@ from train import TrainConfig, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, batch_size=64, warmup_epochs=1, lr=3e-3)
-OUTPUTS = ("config.json", "best.pt", "last.pt", "curves.png", "metrics.json", "classification_report.txt",
-           "confusion_matrix.png", "confusion_matrix.csv")
+OUTPUTS = ("config.json", "best.pt", "last.pt", "curves.png", "test_metrics.json", "classification_report.txt",
+           "confusion_matrix.png", "confusion_matrix.csv", "done.json")
 
 
 @pytest.fixture(scope="module")
 def ds():
-    """CIFAR10-shaped synthetic data: the fixed 5,000 validation images + 200 to train on, and 300 test images."""
-    s = synthetic_splits(n_train=5200, n_val=300)
-    return CIFAR10(s.train_images, s.train_labels, s.val_images, s.val_labels, s.classes)
+    return synthetic_cifar()
 
 
 def args_for(results, *extra):
@@ -83,7 +81,7 @@ def test_after_a_tiny_stage1_it_trains_tests_and_reports_the_top_trials(tmp_path
         assert last["epoch"] == 2 and {"optimizer", "scheduler", "rng", "early_stopping"} <= last.keys()
         best = torch.load(run_dir / "best.pt", weights_only=True)
         assert best["epoch"] == last["early_stopping"]["best_epoch"] == r["best_epoch"]
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = json.loads((run_dir / "test_metrics.json").read_text())
         assert metrics["test_images"] == 300 and metrics["accuracy"] == r["test_acc"]
         assert metrics["val_acc"] == last["early_stopping"]["best_acc"]
         events = EventAccumulator(str(run_dir))
@@ -121,9 +119,12 @@ def test_early_stopping_stops_at_the_right_epoch_and_keeps_the_best(tmp_path, ds
     assert "stopped early after 8 epochs" in (tmp_path / "stage2" / "report.md").read_text()
     # the test metrics are those of epoch 5's model, not the last one
     monkeypatch.setattr(train, "evaluate", real)
+    best = stage2_final.evaluate_checkpoint(str(run_dir / "best.pt"), ds)
+    assert (best["accuracy"], best["macro"]["f1"]) == (row["test_acc"], row["f1"])
+    # a finished model is skipped by the next run, which reports it from its done.json
     seen = epochs_trained(monkeypatch)
     (again,) = run(args_for(tmp_path, "--config", path, "--epochs", "50", "--patience", "3"), ds=ds)
-    assert seen == [] and again["test_acc"] == row["test_acc"] and again["best_epoch"] == 5
+    assert seen == [] and again == row
 
 
 def test_an_interrupted_run_resumes_at_the_next_epoch_and_ends_as_an_uninterrupted_one(tmp_path, ds, monkeypatch):
@@ -140,7 +141,8 @@ def test_an_interrupted_run_resumes_at_the_next_epoch_and_ends_as_an_uninterrupt
     with pytest.raises(KeyboardInterrupt):
         run(args_for(tmp_path / "cut", "--config", path), ds=ds)
     run_dir = tmp_path / "cut" / "stage2" / "config_0"
-    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1 and not (run_dir / "metrics.json").exists()
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
+    assert not (run_dir / "test_metrics.json").exists()
 
     monkeypatch.setattr(stage2_final, "TensorBoardLogger", TensorBoardLogger)
     seen = epochs_trained(monkeypatch)
@@ -204,6 +206,8 @@ def test_trials_are_picked_by_number(tmp_path, capsys):
 @pytest.mark.parametrize("content,message", [
     ('{"patch_size": 8, "learning_rate": 0.1}', "unknown key.*learning_rate"),
     ('{"patch_size": 8, "embed_dim": 32, "num_heads": 3}', "configuration 0: embed_dim 32 is not divisible"),
+    ('[{"patch_size": 8}, {"patch_size": 5}]', "configuration 1: image_size 32 is not divisible by patch_size 5"),
+    ('{"patch_size": 8, "batch_size": 0}', "configuration 0: batch_size must be positive"),
     ("[]", "non-empty list"),
     ("{not json", "not valid JSON"),
     (None, "cannot read --config"),
@@ -221,13 +225,125 @@ def test_cli_flags_and_one_line_errors(tmp_path, capsys):
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: no stage-1 storage") and proc.stderr.strip().count("\n") == 0
-    with pytest.raises(SystemExit):
-        parse_args(["--trials", "1", "--config", "c.json"])
-    assert "not allowed with" in capsys.readouterr().err
+    for flags, message in ((["--trials", "1", "--config", "c.json"], "argument --config: not allowed with"),
+                           (["--top-k", "three"], "argument --top-k: invalid int value: 'three'"),
+                           (["--patience", "0"], "--patience must be positive, got 0"),
+                           (["--report-only", "--fresh"], "--report-only trains nothing")):
+        with pytest.raises(SystemExit) as exit:
+            parse_args(flags)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith(f"{os.path.basename(sys.argv[0])}: error: {message}"), err
+        assert err.count("\n") == 1  # the usage is in --help, not in front of the error
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     help_text = capsys.readouterr().out
     for flag in ("--top-k", "--trials", "--config", "--epochs", "--patience", "--fresh", "--storage", "--study-name",
-                 "--data-dir", "--no-download", "--results", "--device"):
+                 "--data-dir", "--no-download", "--results", "--device", "--report-only"):
         assert flag in help_text
     assert parse_args([]).storage == "sqlite:///results/stage1.db"
+
+
+SECRET = "s3cret-pw"
+SECRET_URL = f"postgresql://vit:{SECRET}@127.0.0.1:9/vit"  # nothing listens on port 9
+
+
+def files_holding(root, text) -> list:
+    return [str(p) for p in root.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+
+def test_a_storage_password_is_never_printed_or_written(tmp_path, ds, capsys):
+    # Where the server cannot be reached: the error names the URL, with *** for the password.
+    proc = subprocess.run([sys.executable, "stage2_final.py", "--results", str(tmp_path), "--storage", SECRET_URL,
+                           "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: cannot open Optuna storage 'postgresql://vit:***@127.0.0.1:9/vit': ")
+    assert SECRET not in proc.stdout + proc.stderr
+
+    # Where it can: a trial retrained, tested and reported by stage 2's own functions while --storage holds
+    # the password (an SQLite URL cannot carry one, so the study is read from a file).
+    study = tiny_study(tmp_path, [(TrialState.COMPLETE, 0.5, 3e-3)])
+    args = args_for(tmp_path, "--storage", SECRET_URL, "--epochs", "1")
+    (c,) = stage2_final.candidates_from_trials(study, args)
+    run_dir = str(tmp_path / "stage2" / c.name)
+    stage2_final.train_and_test(c, train_val_splits(ds), ds, args, torch.device("cpu"), run_dir)
+    stage2_final.write_report([stage2_final.row_from_disk(c, run_dir)], str(tmp_path / "stage2"), args)
+    shown = "study 'vit-cifar10' in postgresql://vit:***@127.0.0.1:9/vit"
+    assert shown in (tmp_path / "stage2" / "report.md").read_text()
+    assert shown in json.loads((tmp_path / "stage2" / c.name / "config.json").read_text())["source"]
+    out, err = capsys.readouterr()
+    assert files_holding(tmp_path, SECRET) == [] and SECRET not in out + err
+
+
+def test_bad_command_lines_and_configurations_stop_in_one_line_and_write_nothing(tmp_path):
+    """Each through the real command line, all at once."""
+    tiny_study(tmp_path, [(TrialState.COMPLETE, 0.5, 3e-3)])
+    bad, good = config_file(tmp_path / "bad.json", {**TINY, "patch_size": 5}), config_file(tmp_path / "c.json", TINY)
+    (tmp_path / "a_file").write_text("")
+    cases = {  # flags: (exit code, the start of stderr's one line)
+        ("--epochs", "0"): (2, "stage2_final.py: error: --epochs must be positive, got 0 (see --help)"),
+        ("--device", "tpu"): (1, "error: cannot use device 'tpu': Expected one of cpu, cuda"),
+        ("--study-name", "nope"): (1, f"error: no study 'nope' in sqlite:///{tmp_path}/stage1.db (it holds: "
+                                      "'vit-cifar10'); pass --study-name"),
+        ("--config", bad): (1, f"error: --config {bad}, configuration 0: image_size 32 is not divisible by "
+                               "patch_size 5"),
+        ("--config", good, "--data-dir", str(tmp_path / "nowhere"), "--no-download"):
+            (1, f"error: no CIFAR-10 at {tmp_path}/nowhere/cifar-10-batches-py; pass --data-dir"),
+        ("--config", good, "--results", str(tmp_path / "a_file" / "results")):  # below a file: never writable
+            (1, f"error: cannot write results to '{tmp_path}/a_file/results/stage2': Not a directory"),
+    }
+    if not torch.cuda.is_available():
+        cases["--device", "cuda"] = (1, "error: cannot use device 'cuda': torch finds no CUDA GPU on this machine; "
+                                        "pass --device cpu (or auto, which takes a GPU when there is one)")
+    procs = {flags: subprocess.Popen([sys.executable, "stage2_final.py", "--results", str(tmp_path), "--device", "cpu",
+                                      *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for flags in cases}
+    for flags, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        code, message = cases[flags]
+        assert proc.returncode == code and err.startswith(message) and err.count("\n") == 1, (flags, err)
+        assert "Traceback" not in err
+    assert [p for p in (tmp_path / "stage2").rglob("*") if p.is_file()] == []
+
+
+def test_a_results_folder_this_code_cannot_continue_is_refused_in_one_line_and_kept(tmp_path, ds):
+    """last.pt files of an older version, of another kind, damaged or carrying code: each refused by a real
+    worker, all at once, and none overwritten."""
+    from test_evaluate import write_malicious
+
+    cfg = config_file(tmp_path / "c.json", TINY)
+    run(args_for(tmp_path / "good", "--config", cfg, "--epochs", "1"), ds=ds)
+    good = (tmp_path / "good" / "stage2" / "config_0" / "last.pt").read_bytes()
+    state = torch.load(tmp_path / "good" / "stage2" / "config_0" / "last.pt", weights_only=True)
+    older_config = {k: v for k, v in state["config"].items() if k not in ("label_smoothing", "sgd_lr_scale")}
+    cases = {
+        "older keys": ({k: state[k] for k in ("config", "model", "epoch")},
+                       "comes from an older, incompatible version of this code (no early_stopping, history, "
+                       "optimizer, rng, scheduler); pass --fresh to start it over"),
+        "older config": ({**state, "config": older_config},
+                         "comes from an older, incompatible version of this code (its configuration has other keys)"),
+        "other weights": ({**state, "model": {"weights": torch.zeros(3)}}, "does not fit this code's model"),
+        "garbage": (b"not a checkpoint", "last.pt"),
+        "truncated": (good[: len(good) // 2], "is not a readable PyTorch checkpoint"),
+        "pickled code": (None, "refusing to load"),
+    }
+    procs = {}
+    for i, (name, (content, _)) in enumerate(cases.items()):
+        run_dir = tmp_path / f"r{i}" / "stage2" / "config_0"
+        run_dir.mkdir(parents=True)
+        if name == "pickled code":
+            write_malicious(run_dir / "last.pt", tmp_path / "pwned")
+        elif isinstance(content, bytes):
+            (run_dir / "last.pt").write_bytes(content)
+        else:
+            torch.save(content, run_dir / "last.pt")
+        procs[name] = subprocess.Popen(
+            [sys.executable, os.path.join("tests", "synthetic_stage2.py"), "200", "--results", str(tmp_path / f"r{i}"),
+             "--config", cfg, "--epochs", "1", "--patience", "2", "--device", "cpu"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for i, (name, proc) in enumerate(procs.items()):
+        out, err = proc.communicate(timeout=300)
+        run_dir = tmp_path / f"r{i}" / "stage2" / "config_0"
+        assert proc.returncode == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert f"{run_dir}/last.pt" in err and cases[name][1] in err and "Traceback" not in err, (name, err)
+        assert sorted(os.listdir(run_dir)) == ["claim.json.lock", "last.pt"]  # nothing written, the claim given back
+    assert not (tmp_path / "pwned").exists()
