@@ -1,6 +1,7 @@
 """Stage 1: search ViT hyperparameters with Optuna on cheap proxy runs.
 
-    python stage1_search.py --trials 40
+    python stage1_search.py --trials 40    # adds 40 trials to the study
+    python stage1_search.py --total 40     # runs until the study holds 40; after a crash, the rest
 
 A TPE sampler proposes configurations, a median pruner stops hopeless ones early, and every
 trial lives in an Optuna storage (SQLite under results/ by default), so a run can be resumed,
@@ -272,13 +273,16 @@ def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial):
     """Queue the failed `trial`'s parameters again, unless a retry of it is queued already or its
     configuration has had MAX_RETRIES. The caller holds the study's lock."""
     history = [*trial.user_attrs.get("retry_history", []), trial.number]  # every attempt, oldest first
-    if len(history) > MAX_RETRIES:
-        return
     if any(t.user_attrs.get("retry_history", [None])[-1] == trial.number for t in study.get_trials(deepcopy=False)):
+        return
+    worker = f"its worker ({trial.user_attrs.get('host')} pid {trial.user_attrs.get('pid')}) died"
+    if len(history) > MAX_RETRIES:
+        tqdm.write(f"trial {trial.number:4d} FAIL     {worker}, the configuration's attempt {len(history)} to die: given up")
         return
     # A worker that died before its first suggestion holds its queued parameters only as fixed_params.
     params = trial.params or trial.system_attrs.get("fixed_params", {})
     study.enqueue_trial(params, user_attrs={"retry_of": history[0], "retry_history": history})
+    tqdm.write(f"trial {trial.number:4d} FAIL     {worker}; queued again, to go on from its last checkpoint")
 
 
 class RequeueStaleTrial:
@@ -578,7 +582,9 @@ def run(args, splits=None):
         done = completed_by_value(study)
         value = f"{trial.value:.4f}" if trial.value is not None else "-"
         best = f"{done[0].value:.4f} (trial {done[0].number})" if done else "-"
-        why = trial.user_attrs.get("failure", "")
+        why, resumed = trial.user_attrs.get("failure", ""), trial.user_attrs.get("resumed_from")
+        if resumed:
+            why = f"(went on from trial {resumed['trial']}'s epoch {resumed['epoch']})"
         tqdm.write(f"trial {trial.number:4d} {trial.state.name:8s} val_acc {value}  best {best}  "
                    f"elapsed {time.perf_counter() - t0:7.0f}s {why}".rstrip())
         write_reports(study, out_dir, args.top_k, plots=False)

@@ -221,7 +221,9 @@ def test_a_killed_worker_restarted_at_once_retries_its_trial_from_its_checkpoint
     killed = before[1]
     assert os.path.isfile(tmp_path / "stage1" / "trial_0001" / "last.pt")
 
-    finish(worker(*command))  # the same command, at once: long before any heartbeat goes stale
+    out = finish(worker(*command))  # the same command, at once: long before any heartbeat goes stale
+    assert f"trial    1 FAIL     its worker ({socket.gethostname()} pid {killed.user_attrs['pid']}) died; queued again" in out
+    assert "trial    2 COMPLETE" in out and "(went on from trial 1's epoch 1)" in out
     trials = trials_of(url)
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]  # 2 completed
     first, retry = trials[0], trials[2]
@@ -244,7 +246,8 @@ def test_a_silent_worker_of_another_machine_is_taken_over_through_the_heartbeat(
     kill_parked_worker(worker(*command, env={"HANG_IN_TRIAL": "0", "HANG_MARKER": marker}, prefix=elsewhere), marker)
     time.sleep(3 * 2 + 1)  # silent for longer than 3 heartbeats: stale from now on, whatever the machine's speed
 
-    finish(worker(*command))
+    out = finish(worker(*command))
+    assert "trial    0 FAIL     its worker (machine-b pid" in out and "queued again" in out, out
     trials = trials_of(postgres_url)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # --trials 1 ran the retry
     assert trials[0].user_attrs["host"] == "machine-b" and trials[1].user_attrs["host"] == socket.gethostname()
