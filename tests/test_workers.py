@@ -69,10 +69,18 @@ def worker(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
 
+    started = []
+
     def start(*args, env=None, prefix=()):
-        return subprocess.Popen([*prefix, sys.executable, str(script), "--results", str(tmp_path), *args],
-                                env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    return start
+        started.append(subprocess.Popen([*prefix, sys.executable, str(script), "--results", str(tmp_path), *args],
+                                        env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT))
+        return started[-1]
+    yield start
+    for proc in started:  # a failed test must not leave a parked worker behind for an hour
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 @pytest.fixture
