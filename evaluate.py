@@ -2,9 +2,11 @@
 
     python evaluate.py results/stage2/trial_0012/best.pt --data-dir ../shared/data
 
-Writes next to the checkpoint: test_metrics.json (accuracy, macro and per-class precision, recall,
-F1, support), classification_report.txt (scikit-learn's), confusion_matrix.png (counts and
-row-normalised) and confusion_matrix.csv; none of these names is one that training writes, so a
+Writes next to the checkpoint: test_metrics.json (accuracy with its 95 % Clopper-Pearson interval,
+macro and per-class precision, recall, F1, support; fractions), test_predictions.json (per image,
+for comparing models), classification_report.txt (scikit-learn's), confusion_matrix.png (counts and
+row-normalised), confusion_matrix.csv, mistakes.png (the 36 most confident mistakes) and
+per_class_accuracy.png (with intervals); none of these names is one that training writes, so a
 run's own metrics.json and history survive. Checkpoints are loaded with weights_only=True, so a
 file carrying pickled code is refused instead of run.
 """
@@ -22,14 +24,18 @@ import numpy as np
 import torch
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
-from data import DataError, DeviceLoader, final_test_set, load_cifar10
-from report import code_version, write_json, write_text
+from data import VAL_PER_CLASS, DataError, DeviceLoader, final_test_set, load_cifar10
+from report import code_version, plot_mistakes, plot_per_class_accuracy, write_json, write_text
+from stats import accuracy_interval, difference_interval
 from train import TrainConfig, evaluate, pick_device
 from vit import ViT
 
 EVAL_BATCH = 500  # the validation loader's size: inference memory is small, larger batches gain nothing
 # Stage 1 writes metrics.json (with the whole training history) next to its last.pt: the test's own name.
 METRICS_FILE = "test_metrics.json"
+PREDICTIONS_FILE = "test_predictions.json"
+TEST_OUTPUTS = (METRICS_FILE, PREDICTIONS_FILE, "classification_report.txt", "confusion_matrix.png",
+                "confusion_matrix.csv", "mistakes.png", "per_class_accuracy.png")
 
 
 def load_checkpoint(path: str, device="cpu") -> dict:
@@ -136,31 +142,58 @@ def plot_confusion(path: str, cm: np.ndarray, classes: list, title: str):
     plt.close(fig)
 
 
-def evaluate_checkpoint(path: str, ds, device="cpu") -> dict:
-    """Evaluate the checkpoint at `path` on ds's test set; write the metrics and figures next to it."""
+def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
+    """Evaluate the checkpoint at `path` on ds's test set; write the metrics and figures next to it.
+
+    Accuracies are fractions in the JSON, with 95 % Clopper-Pearson intervals; tta adds the accuracy
+    of averaging each image's and its mirror's logits as a separate figure (the plain one stays the headline).
+    """
     device = torch.device(device)
     state = load_checkpoint(path)
     model = model_from_checkpoint(state, device)
     images, labels = final_test_set(ds, device)
     # fp32 even on GPUs: the test numbers must not depend on a precision shortcut.
-    result = evaluate(model, DeviceLoader(images, labels, EVAL_BATCH, train=False), amp=False, return_preds=True)
+    loader = DeviceLoader(images, labels, EVAL_BATCH, train=False)
+    result = evaluate(model, loader, amp=False, return_preds=True)
     y_true, y_pred = labels.cpu().numpy(), result["preds"].numpy()
     classes = list(ds.classes)
     metrics = classification_metrics(y_true, y_pred, classes)
+    correct = int((y_true == y_pred).sum())
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
+    for i, name in enumerate(classes):  # a class's accuracy is its recall
+        metrics["per_class"][name]["recall_ci95"] = list(accuracy_interval(int(cm[i, i]), max(1, int(cm[i].sum()))))
     es = state.get("early_stopping", {})
+    val_acc = es.get("best_acc")  # the validation accuracy the checkpoint was kept for
     metrics = {
         "checkpoint": os.path.abspath(path),
         "epoch": state.get("epoch"),
-        "val_acc": es.get("best_acc"),  # the validation accuracy the checkpoint was kept for
+        "val_acc": val_acc,
         "test_images": len(y_true),
         "loss": result["loss"],
+        "accuracy_ci95": list(accuracy_interval(correct, len(y_true))),
         **metrics,
         "config": state["config"],
         "code_version": code_version(),
     }
+    if val_acc is not None and val_acc >= 0:
+        metrics["val_minus_test"] = val_acc - metrics["accuracy"]
+        metrics["val_minus_test_ci95"] = list(difference_interval(val_acc, VAL_PER_CLASS * len(classes),
+                                                                  metrics["accuracy"], len(y_true)))
+    if tta:
+        flipped = evaluate(model, loader, amp=False, tta=True)["acc"]
+        metrics["tta"] = {"accuracy": flipped, "accuracy_ci95": list(accuracy_interval(round(flipped * len(y_true)),
+                                                                                        len(y_true))),
+                          "how": "mean of the logits of each image and its horizontal mirror"}
     out = os.path.dirname(os.path.abspath(path))
-    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
     write_json(os.path.join(out, METRICS_FILE), metrics)
+    # Per-image predictions, so that models can be compared image by image (McNemar) without the checkpoints.
+    write_json(os.path.join(out, PREDICTIONS_FILE), {"labels": y_true.tolist(), "preds": y_pred.tolist()})
+    name = os.path.basename(out)
+    plot_mistakes(images.cpu(), y_true, result["probs"], classes, os.path.join(out, "mistakes.png"),
+                  f"{name}: the 36 most confident mistakes on the test set (true class, prediction, confidence)")
+    plot_per_class_accuracy(classes, [int(cm[i, i]) for i in range(len(classes))], [int(r.sum()) for r in cm],
+                            os.path.join(out, "per_class_accuracy.png"),
+                            f"{name}: test accuracy per class, {100 * metrics['accuracy']:.2f} % overall")
     write_text(os.path.join(out, "classification_report.txt"),
                classification_report(y_true, y_pred, labels=list(range(len(classes))), target_names=classes,
                                      digits=4, zero_division=0))
@@ -177,6 +210,9 @@ def parse_args(argv=None):
                    help="folder holding (or to receive) cifar-10-batches-py/ (default: data)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading CIFAR-10")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu (default: auto)")
+    p.add_argument("--tta", action="store_true",
+                   help="also report the accuracy of averaging each image's and its mirror's logits, as a separate "
+                        "figure (default: off)")
     return p.parse_args(argv)
 
 
@@ -186,14 +222,16 @@ def main(argv=None):
         device = resolve_device(args.device)
         load_checkpoint(args.checkpoint)  # refuse a bad file before the slower dataset load
         ds = load_cifar10(args.data_dir, download=not args.no_download)
-        m = evaluate_checkpoint(args.checkpoint, ds, device)
+        m = evaluate_checkpoint(args.checkpoint, ds, device, tta=args.tta)
     except DataError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # the checkpoint's folder is not writable, or the disk is full
         sys.exit(f"error: cannot write {e.filename!r}: {e.strerror}; the checkpoint itself is untouched")
-    print(f"test accuracy {m['accuracy']:.4f}, macro precision {m['macro']['precision']:.4f}, "
-          f"recall {m['macro']['recall']:.4f}, F1 {m['macro']['f1']:.4f} on {m['test_images']} images; "
-          f"written next to {args.checkpoint}")
+    low, high = m["accuracy_ci95"]
+    tta = f"; with mirror TTA {100 * m['tta']['accuracy']:.2f} %" if "tta" in m else ""
+    print(f"test accuracy {100 * m['accuracy']:.2f} % (95 % interval {100 * low:.2f}-{100 * high:.2f}){tta}, "
+          f"macro precision {100 * m['macro']['precision']:.2f} %, recall {100 * m['macro']['recall']:.2f} %, "
+          f"F1 {100 * m['macro']['f1']:.2f} % on {m['test_images']} images; written next to {args.checkpoint}")
 
 
 if __name__ == "__main__":

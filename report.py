@@ -94,19 +94,24 @@ class TensorBoardLogger:
         self.writer.close()
 
 
-def log_hparams(log_dir: str, hparams: dict, metrics: dict):
+def log_hparams(log_dir: str, hparams_dict: dict, metrics: dict):
     """One run's parameters and final figures for TensorBoard's HParams dashboard (table, parallel coordinates).
 
     Values must be numbers, strings or booleans; None becomes the string "none". Metrics are
     written as scalars "hparams/<name>" in the same folder as the run's curves.
     """
     from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
 
-    clean = {k: ("none" if v is None else v) for k, v in hparams.items()}
+    clean = {k: ("none" if v is None else v) for k, v in hparams_dict.items()}
+    tags = {f"hparams/{k}": v for k, v in metrics.items()}
+    # SummaryWriter.add_hparams would open a second writer in a time-stamped subfolder; one file beside
+    # the run's curves keeps each run a single row of the dashboard.
     with SummaryWriter(log_dir) as writer:
-        # run_name "." keeps the session in the run's own folder, beside its curves, instead of a new
-        # time-stamped subfolder per call.
-        writer.add_hparams(clean, {f"hparams/{k}": v for k, v in metrics.items()}, run_name=".")
+        for summary in hparams(clean, tags):
+            writer.file_writer.add_summary(summary)
+        for tag, value in tags.items():
+            writer.add_scalar(tag, value)
 
 
 def plot_curves(history: list, path: str, title: str):

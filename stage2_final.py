@@ -26,24 +26,25 @@ import tempfile
 import time
 from dataclasses import dataclass, fields
 
+import numpy as np
 import optuna
 import torch
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from data import DataError, load_cifar10, train_val_splits
-from evaluate import evaluate_checkpoint, load_checkpoint, resolve_device
-from report import TensorBoardLogger, code_version, plot_curves, write_bytes, write_json, write_text
+from evaluate import PREDICTIONS_FILE, TEST_OUTPUTS, evaluate_checkpoint, load_checkpoint, resolve_device
+from report import TensorBoardLogger, code_version, log_hparams, plot_curves, write_bytes, write_json, write_text
 from stage1_search import (OneLineParser, ResultsError, StorageError, _file_lock, check_writable, completed_by_value,
                            is_dead_local_worker, make_storage, process_identity, redact_url, storage_error)
-from train import Diverged, TrainConfig, Trainer
+from stats import mcnemar, verdict
+from train import Diverged, TrainConfig, Trainer, add_recipe_flags, recipe_overrides
 
 CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
 CLAIM, DONE = "claim.json", "done.json"  # in a model's folder: who is training it; its finished report row
 # Everything a run writes into its folder; --fresh removes exactly these, nothing a person put there
 # (metrics.json: what evaluate.py called test_metrics.json before it stopped overwriting stage 1's).
-RUN_OUTPUTS = ("last.pt", "best.pt", "curves.png", "test_metrics.json", "metrics.json", "classification_report.txt",
-               "confusion_matrix.png", "confusion_matrix.csv", DONE)
+RUN_OUTPUTS = ("last.pt", "best.pt", "curves.png", "metrics.json", *TEST_OUTPUTS, DONE)
 # What a last.pt must hold to be resumed; one written by an older version of this code may lack some.
 CHECKPOINT_KEYS = {"config", "model", "optimizer", "scheduler", "epoch", "history", "early_stopping", "rng"}
 
@@ -57,7 +58,9 @@ class Candidate:
 
 
 def stage2_config(d: dict, args) -> TrainConfig:
-    return TrainConfig.from_dict({**d, "epochs": args.epochs, "patience": args.patience, "subset_ratio": 1.0})
+    # Recipe flags given on the command line win over the configuration's own values.
+    return TrainConfig.from_dict({**d, **recipe_overrides(args), "epochs": args.epochs, "patience": args.patience,
+                                  "subset_ratio": 1.0})
 
 
 # ----------------------------------------------------------------------------- where configurations come from
@@ -374,9 +377,12 @@ def train_and_test(c: Candidate, splits, ds, args, device, run_dir: str):
         m = evaluate_checkpoint(best, ds, device)
         with open(os.path.join(run_dir, "classification_report.txt")) as f:
             report = f.read()
-        row.update(test_acc=m["accuracy"], precision=m["macro"]["precision"], recall=m["macro"]["recall"],
-                   f1=m["macro"]["f1"], best_val_acc=m["val_acc"], best_epoch=m["epoch"],
-                   test_images=m["test_images"], classification_report=report)
+        row.update(test_acc=m["accuracy"], test_acc_ci95=m["accuracy_ci95"], precision=m["macro"]["precision"],
+                   recall=m["macro"]["recall"], f1=m["macro"]["f1"], best_val_acc=m["val_acc"], best_epoch=m["epoch"],
+                   val_minus_test_ci95=m.get("val_minus_test_ci95"), test_images=m["test_images"],
+                   classification_report=report)
+        log_hparams(run_dir, {**c.config.to_dict(), "model": c.name},
+                    {"test_acc": m["accuracy"], "best_val_acc": m["val_acc"], "epochs_run": row["epochs_run"]})
         tqdm.write(f"{c.name}: test accuracy {m['accuracy']:.4f} (best val acc {m['val_acc']:.4f}), "
                    f"macro F1 {m['macro']['f1']:.4f}")
     # Last: a worker killed before this line leaves the model to the next one, which resumes it.
@@ -393,7 +399,6 @@ def _pct(x) -> str:
 def plot_comparison(rows: list, path: str):
     """Test accuracy and macro precision, recall and F1, grouped by model."""
     import matplotlib.pyplot as plt  # report.py has already chosen the Agg backend
-    import numpy as np
 
     metrics = [("test_acc", "accuracy"), ("precision", "macro precision"), ("recall", "macro recall"),
                ("f1", "macro F1")]
@@ -416,8 +421,27 @@ def plot_comparison(rows: list, path: str):
     plt.close(fig)
 
 
+def pairwise_tests(rows: list, out_dir: str) -> list:
+    """Exact McNemar test for every pair of tested models, best first, from their saved per-image predictions."""
+    correct = {}
+    for r in rows:
+        path = os.path.join(out_dir, r["model"], PREDICTIONS_FILE)
+        if r.get("test_acc") is not None and os.path.isfile(path):
+            with open(path) as f:
+                p = json.load(f)
+            correct[r["model"]] = np.asarray(p["preds"]) == np.asarray(p["labels"])
+    order = sorted(correct, key=lambda name: -correct[name].mean())
+    return [{"a": a, "b": b, **mcnemar(correct[a], correct[b])}
+            for i, a in enumerate(order) for b in order[i + 1:] if len(correct[a]) == len(correct[b])]
+
+
+def _interval(ci) -> str:
+    return "" if not ci else f"{100 * ci[0]:.2f}-{100 * ci[1]:.2f}"
+
+
 def write_report(rows: list, out_dir: str, args):
     tested = [r for r in rows if r.get("test_acc") is not None]
+    pairs = pairwise_tests(rows, out_dir)
     if tested:
         plot_comparison(tested, os.path.join(out_dir, "comparison.png"))
     n_test = tested[0]["test_images"] if tested else 0
@@ -427,19 +451,36 @@ def write_report(rows: list, out_dir: str, args):
         f"validation, with early stopping on those (patience {args.patience}, at most {args.epochs} epochs), "
         f"then tested once, at its best validation epoch, on the {n_test:,} test images. "
         f"Code version `{code_version()}`.", "",
-        "| model | test acc | macro precision | macro recall | macro F1 | best val acc | val − test | epochs run |",
-        "|---|---|---|---|---|---|---|---|",
+        "Accuracies in percent; each test accuracy with its exact 95 % (Clopper-Pearson) interval over the test "
+        "images, and the validation-minus-test gap with its 95 % interval (normal approximation; validation is "
+        "the best of many epochs, so the gap leans positive).", "",
+        "| model | test acc | 95 % interval | macro precision | macro recall | macro F1 | best val acc | val − test "
+        "(95 % interval) | epochs run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         run = f"{r['epochs_run']} of {r['max_epochs']}" + (", stopped early" if r["stopped_early"] else "")
         if r.get("test_acc") is None:
-            lines.append(f"| {r['model']} | not tested | | | | | | {run}: {r['failure'] or r.get('unfinished')} |")
+            lines.append(f"| {r['model']} | not tested | | | | | | | {run}: {r['failure'] or r.get('unfinished')} |")
             continue
         gap = f"{100 * (r['best_val_acc'] - r['test_acc']):+.2f} points"
-        lines.append(f"| {r['model']} | {_pct(r['test_acc'])} | {_pct(r['precision'])} | {_pct(r['recall'])} | "
-                     f"{_pct(r['f1'])} | {_pct(r['best_val_acc'])} (epoch {r['best_epoch']}) | {gap} | {run} |")
+        if r.get("val_minus_test_ci95"):
+            gap += f" ({100 * r['val_minus_test_ci95'][0]:+.2f} to {100 * r['val_minus_test_ci95'][1]:+.2f})"
+        lines.append(f"| {r['model']} | {_pct(r['test_acc'])} | {_interval(r.get('test_acc_ci95'))} | "
+                     f"{_pct(r['precision'])} | {_pct(r['recall'])} | {_pct(r['f1'])} | {_pct(r['best_val_acc'])} "
+                     f"(epoch {r['best_epoch']}) | {gap} | {run} |")
     if tested:
         lines += ["", "![test accuracy, macro precision, recall and F1 per model](comparison.png)"]
+    if pairs:
+        lines += ["", "## Is the best model really better?", "",
+                  verdict(pairs[0]["a"], pairs[0]["b"], pairs[0]), "",
+                  "Every pair on the same test images, exact McNemar test (only images exactly one of the two gets "
+                  "right count):", "",
+                  "| model A | model B | A right, B wrong | B right, A wrong | p-value | at the 5 % level |",
+                  "|---|---|--:|--:|--:|---|"]
+        for t in pairs:
+            lines.append(f"| {t['a']} | {t['b']} | {t['a_only']} | {t['b_only']} | {t['p_value']:.3g} | "
+                         f"{'A better' if t['p_value'] < 0.05 else 'no significant difference'} |")
     for r in rows:
         cfg = " ".join(f"`{k}={v}`" for k, v in r["config"].items())
         stage1 = (f" Its stage-1 validation accuracy was {_pct(r['stage1_val_acc'])}."
@@ -462,13 +503,16 @@ def write_report(rows: list, out_dir: str, args):
             f"{100 * (r['best_val_acc'] - r['test_acc']):+.2f} points.", "",
             f"![training and validation curves]({r['model']}/curves.png)", "",
             f"![confusion matrix, counts and row-normalised]({r['model']}/confusion_matrix.png)", "",
+            f"![per-class test accuracy with 95 % intervals]({r['model']}/per_class_accuracy.png)", "",
+            f"![the 36 most confident mistakes]({r['model']}/mistakes.png)", "",
             f"[test_metrics.json]({r['model']}/test_metrics.json) · "
             f"[confusion_matrix.csv]({r['model']}/confusion_matrix.csv)", "",
             "```", r["classification_report"].rstrip(), "```",
         ]
     write_text(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
-    write_json(os.path.join(out_dir, "summary.json"), [{k: v for k, v in r.items() if k != "classification_report"}
-                                                        for r in rows])
+    write_json(os.path.join(out_dir, "summary.json"), {
+        "accuracy_unit": "fraction", "models": [{k: v for k, v in r.items() if k != "classification_report"}
+                                                for r in rows], "pairwise_mcnemar": pairs})
 
 
 # ----------------------------------------------------------------------------- command line
@@ -503,7 +547,9 @@ def parse_args(argv=None):
                    help="stage 1's study name in the storage (default: vit-cifar10)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu (default: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays on GPUs for long runs)")
+    add_recipe_flags(p)
     args = p.parse_args(argv)
+    recipe_overrides(args, p)
     for name in ("top_k", "epochs", "patience"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")

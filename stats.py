@@ -43,3 +43,18 @@ def verdict(name_a: str, name_b: str, test: dict, alpha: float = 0.05) -> str:
     if test["p_value"] < alpha:
         return f"{name_a} beats {name_b} at the {alpha:.0%} level ({counts})."
     return f"{name_a} does not beat {name_b} at the {alpha:.0%} level: the difference may be chance ({counts})."
+
+
+def difference_interval(acc_a: float, n_a: int, acc_b: float, n_b: int, level: float = 0.95) -> tuple:
+    """Interval of acc_a - acc_b for two accuracies measured on disjoint image sets (normal approximation).
+
+    For the validation-minus-test gap: the two sets share no image, so their errors are independent.
+    The validation accuracy of a kept checkpoint is the best of many epochs, so the gap is biased
+    upwards; an interval that excludes 0 says the test images are harder or the choice overfitted.
+    """
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + level / 2))
+    se = (acc_a * (1 - acc_a) / n_a + acc_b * (1 - acc_b) / n_b) ** 0.5
+    d = acc_a - acc_b
+    return d - z * se, d + z * se

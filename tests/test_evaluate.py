@@ -53,7 +53,10 @@ def test_metrics_equal_a_direct_computation_and_sklearn(trained):
 
     prec, rec, f1, support = precision_recall_fscore_support(y, p, labels=range(10), average=None, zero_division=0)
     for i, name in enumerate(ds.classes):
-        assert m["per_class"][name] == {"precision": prec[i], "recall": rec[i], "f1": f1[i], "support": support[i]}
+        c = dict(m["per_class"][name])
+        low, high = c.pop("recall_ci95")
+        assert c == {"precision": prec[i], "recall": rec[i], "f1": f1[i], "support": support[i]}
+        assert low <= rec[i] <= high
     macro = precision_recall_fscore_support(y, p, labels=range(10), average="macro", zero_division=0)
     assert (m["macro"]["precision"], m["macro"]["recall"], m["macro"]["f1"]) == macro[:3]
 
@@ -130,13 +133,35 @@ def test_unreadable_checkpoints_give_clear_errors(tmp_path, trained):
 def test_cli_evaluates_a_checkpoint_on_the_10000_test_images(tmp_path, trained, fake_cifar_dir, capsys):
     path = tmp_path / "best.pt"
     path.write_bytes(open(trained[0], "rb").read())
-    evaluate.main([str(path), "--data-dir", fake_cifar_dir, "--no-download", "--device", "cpu"])
+    evaluate.main([str(path), "--data-dir", fake_cifar_dir, "--no-download", "--device", "cpu", "--tta"])
     m = json.load(open(tmp_path / "test_metrics.json"))
     assert m["test_images"] == 10000 and sum(c["support"] for c in m["per_class"].values()) == 10000
     assert m["epoch"] == 2 and m["config"]["patch_size"] == 8
-    assert f"test accuracy {m['accuracy']:.4f}" in capsys.readouterr().out
-    for name in ("classification_report.txt", "confusion_matrix.png", "confusion_matrix.csv"):
+    low, high = m["accuracy_ci95"]
+    assert low < m["accuracy"] < high and high - low < 0.03  # 10,000 images: about +-1 point
+    out = capsys.readouterr().out
+    assert f"test accuracy {100 * m['accuracy']:.2f} % (95 % interval {100 * low:.2f}-{100 * high:.2f})" in out
+    assert f"with mirror TTA {100 * m['tta']['accuracy']:.2f} %" in out
+    for name in evaluate.TEST_OUTPUTS:
         assert (tmp_path / name).exists()
+
+
+def test_tta_is_a_separate_figure_equal_to_averaging_mirror_logits_by_hand(trained):
+    path, ds = trained
+    m = evaluate_checkpoint(path, ds, "cpu", tta=True)
+    state = torch.load(path, weights_only=True)
+    model = ViT(TrainConfig.from_dict(state["config"]).vit_config())
+    model.load_state_dict(state["model"])
+    model.eval()
+    x = eval_transform(ds.test_images)
+    with torch.no_grad():
+        by_hand = ((model(x) + model(x.flip(3))) / 2).argmax(1)
+    assert m["tta"]["accuracy"] == pytest.approx((by_hand == ds.test_labels).float().mean().item())
+    assert m["accuracy"] == float((direct_predictions(path, ds) == ds.test_labels.numpy()).mean())  # headline: plain
+    preds = json.load(open(os.path.join(os.path.dirname(path), "test_predictions.json")))
+    assert preds["preds"] == direct_predictions(path, ds).tolist() and preds["labels"] == ds.test_labels.tolist()
+    for name, c in m["per_class"].items():
+        assert c["recall_ci95"][0] <= c["recall"] <= c["recall_ci95"][1]
 
 
 def test_evaluating_a_stage1_trial_keeps_its_training_metrics_byte_for_byte(tmp_path, trained):

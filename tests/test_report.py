@@ -27,6 +27,7 @@ def test_hparams_are_read_back_by_tensorboards_event_reader(tmp_path):
     assert sorted(metric_tags) == ["hparams/best_val_acc", "hparams/epochs_run"]
     assert abs(scalars["hparams/best_val_acc"] - 0.4125) < 1e-6 and scalars["hparams/epochs_run"] == 7
     assert not [d for d in os.listdir(run) if os.path.isdir(os.path.join(run, d))]  # no stray time-stamped folder
+    assert len(os.listdir(run)) == 1  # one events file, no empty second one
 
 
 def test_the_gallery_holds_only_mistakes_most_confident_first_with_the_right_labels(tmp_path):

@@ -90,11 +90,28 @@ def test_after_a_tiny_stage1_it_trains_tests_and_reports_the_top_trials(tmp_path
             assert [e.step for e in events.Scalars(tag)] == [1, 2]
     report = (out / "report.md").read_text()
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert "comparison.png" in figures and len(figures) == 5  # comparison + curves and confusion matrix per model
+    # comparison + curves, confusion matrix, per-class accuracy and mistakes per model
+    assert "comparison.png" in figures and len(figures) == 9
     assert all((out / f).stat().st_size > 1000 for f in figures)
     for r in rows:
         assert f"## {r['model']}" in report and f"{100 * r['test_acc']:.2f} %" in report
         assert f"{100 * (r['best_val_acc'] - r['test_acc']):+.2f} points" in report
+        low, high = r["test_acc_ci95"]
+        assert low <= r["test_acc"] <= high and f"| {100 * low:.2f}-{100 * high:.2f} |" in report
+        hparams = EventAccumulator(str(out / r["model"]))
+        hparams.Reload()
+        assert hparams.Scalars("hparams/test_acc")[-1].value == pytest.approx(r["test_acc"])
+    # McNemar from the saved per-image predictions, counted again here by hand
+    preds = {r["model"]: json.loads((out / r["model"] / "test_predictions.json").read_text()) for r in rows}
+    right = {m: [p == y for p, y in zip(v["preds"], v["labels"])] for m, v in preds.items()}
+    a, b = sorted(right, key=lambda m: -sum(right[m]))
+    a_only = sum(x and not y for x, y in zip(right[a], right[b]))
+    b_only = sum(y and not x for x, y in zip(right[a], right[b]))
+    assert f"| {a} | {b} | {a_only} | {b_only} |" in report
+    assert "## Is the best model really better?" in report and (f"{a} beats {b}" in report or f"{a} does not beat {b}"
+                                                                 in report)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pairwise_mcnemar"][0]["a_only"] == a_only and summary["accuracy_unit"] == "fraction"
     assert "stage-1 trial 1" in report and "`lr=0.003`" in report
 
     # The same models through --config and top3.json's whole entries: already trained, so only re-tested.
@@ -164,7 +181,8 @@ def test_a_changed_config_is_not_resumed_silently_and_fresh_starts_over(tmp_path
     run(args_for(tmp_path, "--config", changed, "--epochs", "1", "--fresh"), ds=ds)
     run_dir = tmp_path / "stage2" / "config_0"
     assert json.loads((run_dir / "config.json").read_text())["config"]["lr"] == 1e-3
-    assert len([f for f in os.listdir(run_dir) if f.startswith("events.out")]) == 1  # the old curves are gone
+    # the old curves and HParams are gone: one file of each from the fresh run
+    assert len([f for f in os.listdir(run_dir) if f.startswith("events.out")]) == 2
 
 
 def test_a_malicious_last_checkpoint_is_refused(tmp_path, ds):

@@ -228,7 +228,7 @@ def test_two_workers_share_three_models_each_trained_once_and_the_last_one_repor
     assert not any((out_dir / f"config_{i}" / "claim.json").exists() for i in range(3))
 
     report = (out_dir / "report.md").read_text()
-    summary = json.load(open(out_dir / "summary.json"))
+    summary = json.load(open(out_dir / "summary.json"))["models"]
     assert [r["model"] for r in summary] == ["config_0", "config_1", "config_2"]
     for r in summary:
         assert f"## {r['model']}" in report and f"| {r['model']} | {100 * r['test_acc']:.2f} % |" in report

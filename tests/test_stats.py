@@ -42,3 +42,11 @@ def test_mcnemar_equals_an_exact_binomial_test_on_the_disagreements():
 def test_the_verdict_says_whether_the_difference_is_significant():
     assert "beats b at the 5% level" in verdict("a", "b", {"a_only": 60, "b_only": 20, "p_value": 1e-5})
     assert "does not beat" in verdict("a", "b", {"a_only": 25, "b_only": 20, "p_value": 0.55})
+
+
+def test_the_gap_interval_matches_the_normal_formula_by_hand():
+    from stats import difference_interval
+
+    low, high = difference_interval(0.8, 5000, 0.78, 10000)
+    se = (0.8 * 0.2 / 5000 + 0.78 * 0.22 / 10000) ** 0.5
+    assert low == pytest.approx(0.02 - 1.959964 * se, abs=1e-6) and high == pytest.approx(0.02 + 1.959964 * se, abs=1e-6)
