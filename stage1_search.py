@@ -6,7 +6,7 @@
 A TPE sampler proposes configurations, a median pruner stops hopeless ones early, and every
 trial lives in an Optuna storage (SQLite under results/ by default), so a run can be resumed,
 watched with optuna-dashboard and shared by several workers. The top configurations go to
-results/stage1/top3.json for stage 2.
+results/stage1/top3.json (top{K}.json with --top-k K) for stage 2.
 """
 
 import argparse
@@ -33,8 +33,8 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from data import DataError, load_cifar10, train_val_splits
-from report import TensorBoardLogger, code_version, plot_curves, write_bytes, write_json, write_text
-from train import Diverged, TrainConfig, Trainer, pick_device
+from report import TensorBoardLogger, code_version, log_hparams, plot_curves, write_bytes, write_json, write_text
+from train import Diverged, TrainConfig, Trainer, add_recipe_flags, pick_device, recipe_overrides
 
 
 def suggest_config(trial: optuna.Trial, base: TrainConfig) -> TrainConfig:
@@ -368,10 +368,16 @@ class Objective:
             trial.set_user_attr("history", t.history)
             trial.report(record["val_acc"], record["epoch"])
             if trial.should_prune():
+                trial.set_user_attr("pruned_at_epoch", record["epoch"])
                 raise optuna.TrialPruned(f"val_acc {record['val_acc']:.4f} at epoch {record['epoch']} is below the median")
 
+        state = "FAIL"
         try:
             trainer.fit(on_epoch)
+            state = "COMPLETE"
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            raise
         except Diverged as e:
             trial.set_user_attr("failure", str(e))
             raise
@@ -382,6 +388,9 @@ class Objective:
             for key, value in metrics.items():
                 trial.set_user_attr(key, value)
             write_json(os.path.join(run_dir, "metrics.json"), {**metrics, "history": trainer.history})
+            # The search in TensorBoard's HParams dashboard: one row per trial, whatever its end.
+            log_hparams(run_dir, {**trial.params, "trial": trial.number, "state": state},
+                        {"best_val_acc": max(trainer.best_acc, 0.0), "epochs_run": trainer.epoch})
         return trainer.best_acc
 
     def _resume_if_retry(self, trial: optuna.Trial, trainer: Trainer):
@@ -408,25 +417,39 @@ class Objective:
 # ----------------------------------------------------------------------------- reports
 
 
+def top_file(top_k: int) -> str:
+    """top3.json by default: named for what it holds, and any such file is a valid stage-2 --config."""
+    return f"top{top_k}.json"
+
+
 def write_reports(study: optuna.Study, out_dir: str, top_k: int = 3, plots: bool = True):
-    """top3.json, summary.md and (with plots) the curves of the top trials and the study plots."""
+    """top{k}.json, summary.md and (with plots) the curves of the top trials and the study plots."""
     top = completed_by_value(study)[:top_k]
-    write_json(os.path.join(out_dir, "top3.json"), [
+    write_json(os.path.join(out_dir, top_file(top_k)), [
         {"number": t.number, "params": t.params, "val_acc": t.value,
          "epochs_run": t.user_attrs.get("epochs_run"), "config": t.user_attrs.get("config")}
         for t in top
     ])
     trials = study.get_trials(deepcopy=False)
     keys = next((list(t.params) for t in trials if t.params), [])
-    best = f"best validation accuracy {top[0].value:.4f} (trial {top[0].number})" if top else "none completed yet"
-    lines = [f"# Stage 1: study `{study.study_name}`", "", f"{len(trials)} trials; {best}.", "",
-             "| trial | state | " + " | ".join(keys) + " | best val acc | epochs | time (s) | note |",
+    best = (f"best validation accuracy {100 * top[0].value:.2f} % (trial {top[0].number})" if top
+            else "none completed yet")
+    lines = [f"# Stage 1: study `{study.study_name}`", "", f"{len(trials)} trials; {best}. Accuracies in percent.", "",
+             "| trial | state | " + " | ".join(keys) + " | best val acc (%) | epochs | time (s) | note |",
              "|" + "---|" * (len(keys) + 6)]
     for t in trials:
         a = t.user_attrs
-        cells = [t.number, t.state.name, *(_fmt(t.params.get(k)) for k in keys), _fmt(a.get("best_val_acc")),
-                 _fmt(a.get("epochs_run")), _fmt(a.get("train_time_s"), ".0f"), a.get("failure", "")]
+        acc = a.get("best_val_acc")
+        note = a.get("failure", "")
+        if t.state == TrialState.PRUNED and a.get("pruned_at_epoch"):
+            note = f"pruned at epoch {a['pruned_at_epoch']}"
+        cells = [t.number, t.state.name, *(_fmt(t.params.get(k)) for k in keys),
+                 _fmt(100 * acc if acc is not None and acc >= 0 else None, ".2f"),
+                 _fmt(a.get("epochs_run")), _fmt(a.get("train_time_s"), ".0f"), note]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if plots and len(top) < MIN_TRIALS_FOR_IMPORTANCE:
+        lines += ["", f"No parameter importances: {len(top)} completed trial(s); they mean little below "
+                      f"{MIN_TRIALS_FOR_IMPORTANCE}."]
     write_text(os.path.join(out_dir, "summary.md"), "\n".join(lines) + "\n")
     if plots:
         _write_plots(study, top, out_dir)
@@ -438,28 +461,44 @@ def _fmt(value, float_format=".4g") -> str:
     return format(value, float_format) if isinstance(value, float) else str(value)
 
 
+MIN_TRIALS_FOR_IMPORTANCE = 5  # fANOVA on fewer completed trials gives shares that mean little
+
+
 def _write_plots(study: optuna.Study, top: list, out_dir: str):
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     from optuna.visualization import matplotlib as ovm
 
     for t in top:
         plot_curves(t.user_attrs.get("history", []), os.path.join(out_dir, f"curves_trial_{t.number:04d}.png"),
                     f"trial {t.number}: val acc {t.value:.4f}")
+    done = completed_by_value(study)
+    # A parameter that never varied among the completed trials explains nothing; leave it out.
+    varied = [k for k in (done[0].params if done else {}) if len({repr(t.params.get(k)) for t in done}) > 1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna's matplotlib plots are marked experimental
-        plots = {"optimization_history.png": ovm.plot_optimization_history}
-        if len(top) >= 2:  # importances need at least two completed trials
-            plots["param_importances.png"] = ovm.plot_param_importances
+        plots = {"optimization_history.png": lambda s: ovm.plot_optimization_history(s, target_name="validation accuracy")}
+        if len(done) >= 2 and varied:
+            plots["parallel_coordinate.png"] = lambda s: ovm.plot_parallel_coordinate(
+                s, params=varied, target_name="validation accuracy")
+            plots["slice.png"] = lambda s: ovm.plot_slice(s, params=varied, target_name="validation accuracy")
+        if len(done) >= MIN_TRIALS_FOR_IMPORTANCE and varied:
+            plots["param_importances.png"] = lambda s: ovm.plot_param_importances(s, params=varied)
         for name, plot in plots.items():
             try:
                 ax = plot(study)
             except (ValueError, RuntimeError) as e:  # e.g. all completed trials share one value
                 tqdm.write(f"skipped {name}: {e}")
                 continue
-            ax.figure.set_size_inches(9, 5)
-            ax.figure.tight_layout()
-            ax.figure.savefig(os.path.join(out_dir, name), dpi=100)
-            plt.close(ax.figure)
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure  # plot_slice: one axis per parameter
+            if name == "optimization_history.png":
+                ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # trials are whole
+                ax.set_xlabel("trial")
+            # the slice plot is one row of panels, one per parameter: keep each panel readable
+            fig.set_size_inches(*(9, 5) if name != "slice.png" else (2.6 * len(varied) + 1.5, 3.8))
+            fig.tight_layout()
+            fig.savefig(os.path.join(out_dir, name), dpi=100)
+            plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -536,11 +575,14 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1,
                    help="trials run at once in this process (threads); >1 can fill a big GPU (default: 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays on GPUs for long runs)")
-    p.add_argument("--top-k", type=int, default=3, help="configurations written to top3.json (default: 3)")
+    p.add_argument("--top-k", type=int, default=3,
+                   help="configurations written to topK.json, best first (default: 3, so top3.json)")
     p.add_argument("--heartbeat", type=int, default=60,
                    help="seconds between a running trial's heartbeats in RDB storage; a trial silent for 3 "
                         "intervals is failed and retried by another worker (default: 60)")
+    add_recipe_flags(p)
     args = p.parse_args(argv)
+    recipe_overrides(args, p)
     if args.trials is None and args.total is None:
         args.trials = 40
     for name in ("trials", "total", "epochs", "patience", "jobs", "top_k", "heartbeat"):
@@ -571,7 +613,8 @@ def run(args, splits=None):
         ds = load_cifar10(args.data_dir, download=not args.no_download)
         splits = train_val_splits(ds, subset_ratio=args.subset)
     splits = splits.to(device)
-    base = TrainConfig(epochs=args.epochs, patience=args.patience, subset_ratio=args.subset, seed=args.seed)
+    base = TrainConfig(epochs=args.epochs, patience=args.patience, subset_ratio=args.subset, seed=args.seed,
+                       **recipe_overrides(args))
     objective = Objective(base, splits, device, out_dir, compile=args.compile)
     t0 = time.perf_counter()
     goal = f"adding {args.trials}" if args.total is None else f"running until {args.total} have finished"
@@ -601,7 +644,7 @@ def run(args, splits=None):
         raise
     write_reports(study, out_dir, args.top_k)
     done = completed_by_value(study)
-    tqdm.write(f"done: {len(done)} completed trials; top {args.top_k} in {os.path.join(out_dir, 'top3.json')}")
+    tqdm.write(f"done: {len(done)} completed trials; top {args.top_k} in {os.path.join(out_dir, top_file(args.top_k))}")
     return study
 
 

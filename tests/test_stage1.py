@@ -5,6 +5,7 @@ import sys
 from dataclasses import replace
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 import stage1_search
@@ -84,6 +85,42 @@ def test_end_to_end_writes_study_attrs_reports_and_plots(tmp_path):
     for e in top:
         assert (tmp_path / "stage1" / f"curves_trial_{e['number']:04d}.png").stat().st_size > 1000
     assert (tmp_path / "stage1" / "optimization_history.png").exists()
+    for name in ("parallel_coordinate.png", "slice.png"):  # 3 completed trials: enough to draw, too few to rank
+        assert (tmp_path / "stage1" / name).stat().st_size > 5000
+    assert not (tmp_path / "stage1" / "param_importances.png").exists() and "No parameter importances" in summary
+    # each trial in TensorBoard's HParams dashboard, read back with TensorBoard's own reader
+    from test_report import read_hparams
+
+    for t in trials:
+        values, metric_tags, scalars = read_hparams(str(tmp_path / "stage1" / f"trial_{t.number:04d}"))
+        assert values["state"] == "COMPLETE" and values["patch_size"] == t.params["patch_size"]
+        assert scalars["hparams/best_val_acc"] == pytest.approx(t.value)
+
+
+def test_top_k_names_its_file_and_pruned_trials_say_when(tmp_path):
+    study = make_study(make_storage(f"sqlite:///{tmp_path}/s.db", heartbeat=5), "s", seed=0)
+    for value in (0.3, 0.5):
+        trial = study.ask()
+        suggest_config(trial, TrainConfig())
+        study.tell(trial, value)
+    pruned = study.ask()
+    suggest_config(pruned, TrainConfig())
+    pruned.set_user_attr("pruned_at_epoch", 5)
+    study.tell(pruned, state=TrialState.PRUNED)
+    stage1_search.write_reports(study, str(tmp_path), top_k=2, plots=False)
+    top = json.loads((tmp_path / "top2.json").read_text())
+    assert [e["val_acc"] for e in top] == [0.5, 0.3] and not (tmp_path / "top3.json").exists()
+    assert "| PRUNED |" in (tmp_path / "summary.md").read_text() and "pruned at epoch 5" in (tmp_path / "summary.md").read_text()
+
+
+def test_recipe_flags_reach_every_trial(tmp_path):
+    study = run(small_args(tmp_path, "--trials", "1", "--epochs", "1", "--label-smoothing", "0.2", "--drop-path", "0",
+                           "--sgd-lr-scale", "10"), splits=tiny_splits())
+    cfg = study.trials[0].user_attrs["config"]
+    assert (cfg["label_smoothing"], cfg["drop_path"], cfg["sgd_lr_scale"]) == (0.2, 0.0, 10.0)
+    bad = subprocess.run([sys.executable, "stage1_search.py", "--label-smoothing", "1.5"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "label_smoothing must be in [0, 1)" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_resuming_adds_trials_to_the_same_study(tmp_path):
