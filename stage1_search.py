@@ -381,6 +381,9 @@ class Objective:
         except Diverged as e:
             trial.set_user_attr("failure", str(e))
             raise
+        except KeyboardInterrupt:
+            state = None  # Ctrl-C: save what a resume needs and stop, nothing more
+            raise
         finally:
             tensorboard.close()
             metrics = {"best_val_acc": trainer.best_acc, "best_epoch": trainer.best_epoch,
@@ -389,8 +392,9 @@ class Objective:
                 trial.set_user_attr(key, value)
             write_json(os.path.join(run_dir, "metrics.json"), {**metrics, "history": trainer.history})
             # The search in TensorBoard's HParams dashboard: one row per trial, whatever its end.
-            log_hparams(run_dir, {**trial.params, "trial": trial.number, "state": state},
-                        {"best_val_acc": max(trainer.best_acc, 0.0), "epochs_run": trainer.epoch})
+            if state is not None:
+                log_hparams(run_dir, {**trial.params, "trial": trial.number, "state": state},
+                            {"best_val_acc": max(trainer.best_acc, 0.0), "epochs_run": trainer.epoch})
         return trainer.best_acc
 
     def _resume_if_retry(self, trial: optuna.Trial, trainer: Trainer):
@@ -471,7 +475,7 @@ def _write_plots(study: optuna.Study, top: list, out_dir: str):
 
     for t in top:
         plot_curves(t.user_attrs.get("history", []), os.path.join(out_dir, f"curves_trial_{t.number:04d}.png"),
-                    f"trial {t.number}: val acc {t.value:.4f}")
+                    f"trial {t.number}: best val acc {100 * t.value:.2f} %")
     done = completed_by_value(study)
     # A parameter that never varied among the completed trials explains nothing; leave it out.
     varied = [k for k in (done[0].params if done else {}) if len({repr(t.params.get(k)) for t in done}) > 1]
@@ -623,8 +627,8 @@ def run(args, splits=None):
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial):
         done = completed_by_value(study)
-        value = f"{trial.value:.4f}" if trial.value is not None else "-"
-        best = f"{done[0].value:.4f} (trial {done[0].number})" if done else "-"
+        value = f"{100 * trial.value:.2f} %" if trial.value is not None else "-"
+        best = f"{100 * done[0].value:.2f} % (trial {done[0].number})" if done else "-"
         why, resumed = trial.user_attrs.get("failure", ""), trial.user_attrs.get("resumed_from")
         if resumed:
             why = f"(went on from trial {resumed['trial']}'s epoch {resumed['epoch']})"

@@ -264,7 +264,7 @@ def row_from_disk(c: Candidate, run_dir: str) -> dict:
     holder = _read_claim(os.path.join(run_dir, CLAIM))
     who = f", being trained by {holder['host']} pid {holder['pid']}" if holder else ""
     return {**_row(c), "epochs_run": epochs, "stopped_early": False, "failure": "",
-            "unfinished": f"not finished yet ({epochs} of {c.config.epochs} epochs in last.pt{who})"}
+            "unfinished": f"not finished yet ({epochs} of {_epochs(c.config.epochs)} in last.pt{who})"}
 
 
 # ----------------------------------------------------------------------------- training one model
@@ -321,13 +321,13 @@ def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
 
     done = trainer.epoch >= cfg.epochs or trainer.stopped_early
     if done:
-        tqdm.write(f"{c.name}: already trained ({trainer.epoch} epochs); evaluating only")
+        tqdm.write(f"{c.name}: already trained ({_epochs(trainer.epoch)}); evaluating only")
     else:
         if trainer.epoch:
             tqdm.write(f"{c.name}: resuming after epoch {trainer.epoch} of {cfg.epochs} "
                        f"(best val acc {trainer.best_acc:.4f} at epoch {trainer.best_epoch})")
         else:
-            tqdm.write(f"{c.name}: training from scratch, at most {cfg.epochs} epochs on {len(s.train_images)} "
+            tqdm.write(f"{c.name}: training from scratch, at most {_epochs(cfg.epochs)} on {len(s.train_images)} "
                        f"images, early stopping on {len(s.val_images)} (patience {cfg.patience}), on {device}")
         tensorboard = TensorBoardLogger(run_dir)
 
@@ -351,9 +351,9 @@ def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
             return _summary(c, trainer, run_dir, failure=str(e))
         finally:
             tensorboard.close()
-    why = (f"stopped early: no better validation accuracy for {cfg.patience} epochs" if trainer.stopped_early
-           else f"ran all {cfg.epochs} epochs")
-    tqdm.write(f"{c.name}: {trainer.epoch} epochs, {why}; best val acc {trainer.best_acc:.4f} "
+    why = (f"stopped early: no better validation accuracy for {_epochs(cfg.patience)}" if trainer.stopped_early
+           else f"ran all {_epochs(cfg.epochs)}")
+    tqdm.write(f"{c.name}: {_epochs(trainer.epoch)}, {why}; best val acc {100 * trainer.best_acc:.2f} % "
                f"at epoch {trainer.best_epoch}")
     return _summary(c, trainer, run_dir)
 
@@ -383,13 +383,17 @@ def train_and_test(c: Candidate, splits, ds, args, device, run_dir: str):
                    classification_report=report)
         log_hparams(run_dir, {**c.config.to_dict(), "model": c.name},
                     {"test_acc": m["accuracy"], "best_val_acc": m["val_acc"], "epochs_run": row["epochs_run"]})
-        tqdm.write(f"{c.name}: test accuracy {m['accuracy']:.4f} (best val acc {m['val_acc']:.4f}), "
-                   f"macro F1 {m['macro']['f1']:.4f}")
+        tqdm.write(f"{c.name}: test accuracy {100 * m['accuracy']:.2f} % (best val acc {100 * m['val_acc']:.2f} %), "
+                   f"macro F1 {100 * m['macro']['f1']:.2f} %")
     # Last: a worker killed before this line leaves the model to the next one, which resumes it.
     write_json(os.path.join(run_dir, DONE), {**row, "finished_at": time.time(), "worker": process_identity()})
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
 
 
 def _pct(x) -> str:
@@ -413,7 +417,10 @@ def plot_comparison(rows: list, path: str):
     # Models a few points apart look identical on a 0-100 axis; start just below the lowest bar.
     ax.set_ylim(max(0, 10 * (lowest // 10) - 10), 104)  # 104: room for the labels of bars near 100
     ax.set_xticks(x, [r["model"] for r in rows])
-    ax.set(ylabel="% on the test set", title="Stage 2: test-set metrics per model")
+    bottom = ax.get_ylim()[0]
+    # Say it when the axis does not start at 0, so that bar heights are not read as ratios.
+    ax.set(ylabel="% on the test set" + (f" (axis starts at {bottom:.0f} %)" if bottom > 0 else ""),
+           title="Stage 2: test-set metrics per model")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(metrics), fontsize=8)  # below: never over a bar
     fig.tight_layout()
@@ -448,7 +455,7 @@ def write_report(rows: list, out_dir: str, args):
     lines = [
         "# Stage 2: final models on the CIFAR-10 test set", "",
         f"{len(rows)} model(s), each retrained from scratch on all training images but the 5,000 held out for "
-        f"validation, with early stopping on those (patience {args.patience}, at most {args.epochs} epochs), "
+        f"validation, with early stopping on those (patience {args.patience}, at most {_epochs(args.epochs)}), "
         f"then tested once, at its best validation epoch, on the {n_test:,} test images. "
         f"Code version `{code_version()}`.", "",
         "Accuracies in percent; each test accuracy with its exact 95 % (Clopper-Pearson) interval over the test "
@@ -485,9 +492,9 @@ def write_report(rows: list, out_dir: str, args):
         cfg = " ".join(f"`{k}={v}`" for k, v in r["config"].items())
         stage1 = (f" Its stage-1 validation accuracy was {_pct(r['stage1_val_acc'])}."
                   if r["stage1_val_acc"] is not None else "")
-        why = (f"stopped early after {r['epochs_run']} epochs without a better validation accuracy for "
+        why = (f"stopped early after {_epochs(r['epochs_run'])} without a better validation accuracy for "
                f"{r['config']['patience']}" if r["stopped_early"]
-               else f"trained {r['epochs_run']} of {r['max_epochs']} epochs")
+               else f"trained {r['epochs_run']} of {_epochs(r['max_epochs'])}")
         lines += ["", f"## {r['model']}", "", f"From {r['source']}.{stage1}", "", f"Configuration: {cfg}", ""]
         if r["failure"]:
             lines += [f"Training failed: {r['failure']}.", ""]

@@ -33,7 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the new storage within milliseconds of each other; HANG_IN_TRIAL parks the worker inside that trial right
 # after its first epoch is saved and reported, so that a SIGKILL lands mid-trial at a known point.
 WORKER = textwrap.dedent("""
-    import dataclasses, os, sys, time
+    import dataclasses, faulthandler, os, signal, sys, time
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that times out asks for every stack
     sys.path[:0] = [{root!r}, {tests!r}]
     import optuna, stage1_search
     from conftest import synthetic_splits
@@ -340,7 +341,14 @@ def test_ctrl_c_marks_the_running_trial_failed_and_keeps_the_finished_ones(tmp_p
     proc = worker("--trials", "3", "--epochs", "1", env={"HANG_IN_TRIAL": "1", "HANG_MARKER": marker})
     wait_for(marker, proc)
     proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=120)[0].decode()
+    try:
+        out = proc.communicate(timeout=120)[0].decode()
+    except subprocess.TimeoutExpired:  # seen once on CI: show where the worker hangs instead of only that it does
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(3)
+        proc.kill()
+        pytest.fail("the worker did not stop within 120 s of SIGINT; its output and threads:\n"
+                    + proc.communicate()[0].decode(errors="replace"))
     assert proc.returncode == 130 and "interrupted" in out and "Traceback" not in out, out
     trials = trials_of(f"sqlite:///{tmp_path}/stage1.db")
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
