@@ -1,0 +1,28 @@
+import json
+
+import torch
+
+import ablation
+from conftest import synthetic_splits
+
+
+def test_each_variant_differs_from_plain_only_where_it_says():
+    for name, change in ablation.CHANGES.items():
+        diff = {k for k, v in ablation.VARIANTS[name].items() if ablation.PLAIN[k] != v}
+        assert diff == set(change), name
+    assert ablation.VARIANTS["sgd_unscaled"]["sgd_lr_scale"] == 1.0 and ablation.VARIANTS["sgd_scaled"]["optimizer"] == "sgd"
+
+
+def test_a_run_writes_its_json_once_and_the_table_reads_it(tmp_path, monkeypatch):
+    # the seed's shape is slow on a CPU; the runner and the table are what is tested here
+    monkeypatch.setitem(ablation.VARIANTS, "plain", dict(ablation.PLAIN, patch_size=8, embed_dim=32, depth=1,
+                                                         num_heads=2, batch_size=64))
+    splits = synthetic_splits(n_train=128, n_val=64)
+    first = ablation.run_one("plain", 0, splits, torch.device("cpu"), 1, 0.2, str(tmp_path))
+    saved = json.loads((tmp_path / "plain_seed0.json").read_text())
+    assert saved["best_val_acc"] == first["best_val_acc"] and len(saved["history"]) == 1
+    assert saved["config"]["label_smoothing"] == 0.0 and saved["config"]["warmup_epochs"] == 0
+    again = ablation.run_one("plain", 0, splits, torch.device("cpu"), 1, 0.2, str(tmp_path))  # skipped: read back
+    assert again == saved
+    table = ablation.table(str(tmp_path))
+    assert f"| 0 | {100 * first['best_val_acc']:.2f} | {100 * first['best_val_acc']:.2f} |" in table and "| plain |" in table
