@@ -35,6 +35,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = textwrap.dedent("""
     import dataclasses, faulthandler, os, signal, sys, time
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that times out asks for every stack
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: under
+    # `.ci/run &` Ctrl-C would never reach the worker. Ctrl-C is what the tests send, so take it back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path[:0] = [{root!r}, {tests!r}]
     import optuna, stage1_search
     from conftest import synthetic_splits
