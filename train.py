@@ -222,20 +222,21 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, amp: bool = False, re
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
-    probs = []
+    outs = []  # class probabilities with return_preds, else only the predicted classes
     for x, y in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
             if tta:
                 logits = (logits + model(x.flip(3))) / 2  # flip(3): the width axis of (B, C, H, W)
         loss_sum += loss_fn(logits.float(), y) * len(y)
-        probs.append(logits.float().softmax(1))
-    probs = torch.cat(probs)
-    preds = probs.argmax(1)
+        # Probabilities only when asked: a validation epoch needs just the argmax.
+        outs.append(logits.float().softmax(1) if return_preds else logits.argmax(1))
+    outs = torch.cat(outs)
+    preds = outs.argmax(1) if return_preds else outs
     n = len(loader.labels)
     result = {"loss": loss_sum.item() / n, "acc": (preds == loader.labels).float().mean().item()}
     if return_preds:
-        result["preds"], result["probs"] = preds.cpu(), probs.cpu()
+        result["preds"], result["probs"] = preds.cpu(), outs.cpu()
     return result
 
 
