@@ -160,11 +160,11 @@ class StudyLock:
 
     def local(self):
         """The file lock alone (a no-op for servers): enough to keep local workers apart."""
-        return _file_lock(self.path)
+        return file_lock(self.path)
 
 
 @contextlib.contextmanager
-def _file_lock(path):
+def file_lock(path):
     """An exclusive advisory lock on `path` (created if missing); no-op for None or without fcntl.
     Each call opens the file anew, so two threads of one process exclude each other too."""
     if path is None or fcntl is None:

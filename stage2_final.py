@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from data import DataError, load_cifar10, train_val_splits
 from evaluate import PREDICTIONS_FILE, TEST_OUTPUTS, evaluate_checkpoint, load_checkpoint, resolve_device
 from report import TensorBoardLogger, code_version, log_hparams, plot_curves, write_bytes, write_json, write_text
-from stage1_search import (OneLineParser, ResultsError, StorageError, _file_lock, check_writable, completed_by_value,
+from stage1_search import (OneLineParser, ResultsError, StorageError, file_lock, check_writable, completed_by_value,
                            is_dead_local_worker, make_storage, process_identity, redact_url, storage_error)
 from stats import mcnemar, verdict
 from train import Diverged, TrainConfig, Trainer, add_recipe_flags, recipe_overrides
@@ -196,7 +196,7 @@ def take_claim(run_dir: str) -> str | None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
-        with _file_lock(path + ".lock"):  # one local worker at a time judges and removes a dead claim
+        with file_lock(path + ".lock"):  # one local worker at a time judges and removes a dead claim
             for _ in range(3):  # a claim may be released or removed between two steps: look again
                 try:
                     os.link(tmp, path)
@@ -340,7 +340,7 @@ def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
             save_checkpoint(state, last)
             tensorboard(t, record)
             tqdm.write(f"{c.name} epoch {record['epoch']:3d}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
-                       f"acc {record['train_acc']:.4f}, val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}"
+                       f"acc {100 * record['train_acc']:.2f} %, val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f} %"
                        f"{' (best)' if record['is_best'] else ''}, lr {record['lr']:.2e}, {record['epoch_time']:.0f}s")
 
         try:
