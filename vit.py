@@ -20,7 +20,7 @@ class ViTConfig:
     mlp_ratio: float = 4.0  # MLP hidden width / embed_dim, as in the paper
     dropout: float = 0.0  # on the MLP, projections and embeddings; CIFAR ViTs rely on augmentation instead
     attn_dropout: float = 0.0  # on the attention weights
-    drop_path: float = 0.1  # stochastic depth of the last block (linearly less for earlier ones)
+    drop_path: float = 0.0  # stochastic depth of the last block (linearly less for earlier ones); off: docs/recipe.md
     num_classes: int = 10  # CIFAR-10
     in_channels: int = 3  # RGB
     pool: str = "cls"  # "cls": classify the class token; "mean": average all patch tokens

@@ -1,4 +1,5 @@
 import json
+import os
 
 import torch
 
@@ -26,3 +27,15 @@ def test_a_run_writes_its_json_once_and_the_table_reads_it(tmp_path, monkeypatch
     assert again == saved
     table = ablation.table(str(tmp_path))
     assert f"| 0 | {100 * first['best_val_acc']:.2f} | {100 * first['best_val_acc']:.2f} |" in table and "| plain |" in table
+
+
+def test_the_chosen_recipe_is_the_default_and_the_shipped_config():
+    # The recipe fields ablated (warmup, decay, drop-path, clipping, smoothing): their defaults must be
+    # what the ablation chose, and configs/seed_best.json (the reference run's config) must be exactly it.
+    recipe = set(ablation.PLAIN) - set(ablation.SEED_BEST)
+    default = ablation.TrainConfig()
+    assert recipe and {k: getattr(default, k) for k in recipe} == {k: ablation.CHOSEN[k] for k in recipe}
+    with open(os.path.join(os.path.dirname(__file__), "..", "configs", "seed_best.json")) as f:
+        shipped = json.load(f)
+    assert {k: shipped[k] for k in ablation.CHOSEN} == ablation.CHOSEN
+    assert ablation.CHOSEN != ablation.PLAIN  # at least one change was chosen; else "chosen" is not run
