@@ -154,7 +154,7 @@ def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
     images, labels = final_test_set(ds, device)
     # fp32 even on GPUs: the test numbers must not depend on a precision shortcut.
     loader = DeviceLoader(images, labels, EVAL_BATCH, train=False)
-    result = evaluate(model, loader, amp=False, return_preds=True)
+    result = evaluate(model, loader, amp=False, return_preds=True, tta=tta)
     y_true, y_pred = labels.cpu().numpy(), result["preds"].numpy()
     classes = list(ds.classes)
     metrics = classification_metrics(y_true, y_pred, classes)
@@ -180,7 +180,7 @@ def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
         metrics["val_minus_test_ci95"] = list(difference_interval(val_acc, VAL_PER_CLASS * len(classes),
                                                                   metrics["accuracy"], len(y_true)))
     if tta:
-        flipped = evaluate(model, loader, amp=False, tta=True)["acc"]
+        flipped = result["tta_acc"]
         metrics["tta"] = {"accuracy": flipped, "accuracy_ci95": list(accuracy_interval(round(flipped * len(y_true)),
                                                                                         len(y_true))),
                           "how": "mean of the logits of each image and its horizontal mirror"}

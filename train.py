@@ -218,16 +218,19 @@ def cpu_micro_batch(cfg: TrainConfig) -> int:
 def evaluate(model: torch.nn.Module, loader: DeviceLoader, amp: bool = False, return_preds: bool = False,
              tta: bool = False):
     """Mean loss and accuracy over every sample of the loader (and predictions and class probabilities,
-    if asked). tta averages the logits of each image and its mirror image."""
+    if asked). tta adds "tta_acc": the accuracy of averaging each image's and its mirror's logits;
+    everything else stays the plain figure, from the same pass."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
+    tta_correct = torch.zeros((), device=device, dtype=torch.long)
     outs = []  # class probabilities with return_preds, else only the predicted classes
     for x, y in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
             if tta:
-                logits = (logits + model(x.flip(3))) / 2  # flip(3): the width axis of (B, C, H, W)
+                mirrored = (logits + model(x.flip(3))) / 2  # flip(3): the width axis of (B, C, H, W)
+                tta_correct += (mirrored.argmax(1) == y).sum()
         loss_sum += loss_fn(logits.float(), y) * len(y)
         # Probabilities only when asked: a validation epoch needs just the argmax.
         outs.append(logits.float().softmax(1) if return_preds else logits.argmax(1))
@@ -235,6 +238,8 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, amp: bool = False, re
     preds = outs.argmax(1) if return_preds else outs
     n = len(loader.labels)
     result = {"loss": loss_sum.item() / n, "acc": (preds == loader.labels).float().mean().item()}
+    if tta:
+        result["tta_acc"] = tta_correct.item() / n
     if return_preds:
         result["preds"], result["probs"] = preds.cpu(), outs.cpu()
     return result
