@@ -54,6 +54,13 @@ def run_one(name: str, seed: int, splits, device, epochs: int, subset: float, ou
             return json.load(f)
     cfg = TrainConfig.from_dict({**VARIANTS[name], "epochs": epochs, "patience": epochs,
                                  "subset_ratio": subset, "seed": seed})
+    twin = _same_run(cfg, out)
+    if twin is not None:  # "chosen" seed 0 may be a single change's run: the same run, not trained twice
+        result = {**twin, "variant": name, "same_run_as": f"{twin['variant']}_seed{seed}.json"}
+        _write_json(path, result)
+        print(f"{name} seed {seed}: the same configuration and seed as {result['same_run_as']}; its result is "
+              f"reused", flush=True)
+        return result
     s = splits
     trainer = Trainer(cfg, s.train_images, s.train_labels, s.val_images, s.val_labels, device)
     t0 = time.perf_counter()
@@ -62,13 +69,28 @@ def run_one(name: str, seed: int, splits, device, epochs: int, subset: float, ou
               "best_epoch": trainer.best_epoch, "final_val_acc": trainer.history[-1]["val_acc"],
               "wall_s": time.perf_counter() - t0, "train_images": len(s.train_images),
               "val_images": len(s.val_images), "device": str(device), "history": trainer.history}
-    os.makedirs(out, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    _write_json(path, result)
     print(f"{name} seed {seed}: best val acc {trainer.best_acc:.4f} (epoch {trainer.best_epoch}), "
           f"{result['wall_s']:.0f} s", flush=True)
     return result
+
+
+def _same_run(cfg: TrainConfig, out: str) -> dict | None:
+    """A finished run in `out` with exactly this configuration (seed, epochs and subset included)."""
+    for fn in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        if fn.endswith(".json"):
+            with open(os.path.join(out, fn)) as f:
+                r = json.load(f)
+            if r.get("config") == cfg.to_dict() and "same_run_as" not in r:
+                return r
+    return None
+
+
+def _write_json(path: str, obj: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def table(out: str) -> str:
@@ -88,7 +110,10 @@ def table(out: str) -> str:
             continue
         diff = {k: v for k, v in VARIANTS[name].items() if PLAIN.get(k) != v}
         accs = [100 * r["best_val_acc"] for r in rs]
-        cells = [name, ", ".join(f"{k}={v}" for k, v in diff.items()) or "-", ", ".join(str(r["seed"]) for r in rs),
+        # a reused run is named: its figures are that run's, counted once per variant it stands for
+        seeds = ", ".join(f"{r['seed']} (run {r['same_run_as'][:-5]})" if "same_run_as" in r else str(r["seed"])
+                          for r in rs)
+        cells = [name, ", ".join(f"{k}={v}" for k, v in diff.items()) or "-", seeds,
                  ", ".join(f"{a:.2f}" for a in accs), f"{statistics.mean(accs):.2f}",
                  ", ".join(f"{100 * r['final_val_acc']:.2f}" for r in rs),
                  ", ".join(f"{100 * r['history'][-1]['train_acc']:.1f}" for r in rs),

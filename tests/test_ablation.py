@@ -39,3 +39,18 @@ def test_the_chosen_recipe_is_the_default_and_the_shipped_config():
         shipped = json.load(f)
     assert {k: shipped[k] for k in ablation.CHOSEN} == ablation.CHOSEN
     assert ablation.CHOSEN != ablation.PLAIN  # at least one change was chosen; else "chosen" is not run
+
+
+def test_a_variant_with_the_same_configuration_reuses_the_finished_run(tmp_path, monkeypatch):
+    tiny = dict(ablation.PLAIN, patch_size=8, embed_dim=32, depth=1, num_heads=2, batch_size=64)
+    monkeypatch.setitem(ablation.VARIANTS, "plus_warmup", dict(tiny, warmup_epochs=1))
+    monkeypatch.setitem(ablation.VARIANTS, "chosen", dict(tiny, warmup_epochs=1))
+    monkeypatch.setitem(ablation.VARIANTS, "plain", tiny)
+    splits = synthetic_splits(n_train=128, n_val=64)
+    single = ablation.run_one("plus_warmup", 0, splits, torch.device("cpu"), 1, 0.2, str(tmp_path))
+    chosen = ablation.run_one("chosen", 0, splits, torch.device("cpu"), 1, 0.2, str(tmp_path))
+    assert chosen["same_run_as"] == "plus_warmup_seed0.json" and chosen["history"] == single["history"]
+    assert json.loads((tmp_path / "chosen_seed0.json").read_text())["variant"] == "chosen"
+    # another seed, or another configuration, is a run of its own
+    assert "same_run_as" not in ablation.run_one("chosen", 1, splits, torch.device("cpu"), 1, 0.2, str(tmp_path))
+    assert "same_run_as" not in ablation.run_one("plain", 0, splits, torch.device("cpu"), 1, 0.2, str(tmp_path))
