@@ -70,7 +70,7 @@ def run_one(name: str, seed: int, splits, device, epochs: int, subset: float, ou
               "wall_s": time.perf_counter() - t0, "train_images": len(s.train_images),
               "val_images": len(s.val_images), "device": str(device), "history": trainer.history}
     _write_json(path, result)
-    print(f"{name} seed {seed}: best val acc {trainer.best_acc:.4f} (epoch {trainer.best_epoch}), "
+    print(f"{name} seed {seed}: best val acc {100 * trainer.best_acc:.2f} % (epoch {trainer.best_epoch}), "
           f"{result['wall_s']:.0f} s", flush=True)
     return result
 

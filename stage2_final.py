@@ -325,7 +325,7 @@ def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
     else:
         if trainer.epoch:
             tqdm.write(f"{c.name}: resuming after epoch {trainer.epoch} of {cfg.epochs} "
-                       f"(best val acc {trainer.best_acc:.4f} at epoch {trainer.best_epoch})")
+                       f"(best val acc {100 * trainer.best_acc:.2f} % at epoch {trainer.best_epoch})")
         else:
             tqdm.write(f"{c.name}: training from scratch, at most {_epochs(cfg.epochs)} on {len(s.train_images)} "
                        f"images, early stopping on {len(s.val_images)} (patience {cfg.patience}), on {device}")
@@ -340,7 +340,8 @@ def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
             save_checkpoint(state, last)
             tensorboard(t, record)
             tqdm.write(f"{c.name} epoch {record['epoch']:3d}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
-                       f"acc {100 * record['train_acc']:.2f} %, val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f} %"
+                       f"acc {100 * record['train_acc']:.2f} %, val loss {record['val_loss']:.4f} "
+                       f"acc {100 * record['val_acc']:.2f} %"
                        f"{' (best)' if record['is_best'] else ''}, lr {record['lr']:.2e}, {record['epoch_time']:.0f}s")
 
         try:
@@ -360,7 +361,7 @@ def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
 
 def _summary(c: Candidate, trainer: Trainer, run_dir: str, failure: str = "") -> dict:
     plot_curves(trainer.history, os.path.join(run_dir, "curves.png"),
-                f"{c.name}: best val acc {trainer.best_acc:.4f} at epoch {trainer.best_epoch}")
+                f"{c.name}: best val acc {100 * trainer.best_acc:.2f} % at epoch {trainer.best_epoch}")
     return {**_row(c), "epochs_run": trainer.epoch, "stopped_early": trainer.stopped_early, "failure": failure}
 
 
