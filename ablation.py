@@ -19,6 +19,7 @@ import sys
 import time
 
 from data import DataError, load_cifar10, train_val_splits
+from report import write_json
 from train import TrainConfig, Trainer, pick_device
 
 SEED_BEST = dict(patch_size=4, embed_dim=128, depth=6, num_heads=4, optimizer="adamw", lr=5.836e-4,
@@ -54,10 +55,11 @@ def run_one(name: str, seed: int, splits, device, epochs: int, subset: float, ou
             return json.load(f)
     cfg = TrainConfig.from_dict({**VARIANTS[name], "epochs": epochs, "patience": epochs,
                                  "subset_ratio": subset, "seed": seed})
-    twin = _same_run(cfg, out)
+    # A finished run with exactly this configuration (seed, epochs and subset included), not itself a reuse.
+    twin = next((r for r in _runs(out) if r["config"] == cfg.to_dict() and "same_run_as" not in r), None)
     if twin is not None:  # "chosen" seed 0 may be a single change's run: the same run, not trained twice
         result = {**twin, "variant": name, "same_run_as": f"{twin['variant']}_seed{seed}.json"}
-        _write_json(path, result)
+        write_json(path, result)
         print(f"{name} seed {seed}: the same configuration and seed as {result['same_run_as']}; its result is "
               f"reused", flush=True)
         return result
@@ -69,38 +71,27 @@ def run_one(name: str, seed: int, splits, device, epochs: int, subset: float, ou
               "best_epoch": trainer.best_epoch, "final_val_acc": trainer.history[-1]["val_acc"],
               "wall_s": time.perf_counter() - t0, "train_images": len(s.train_images),
               "val_images": len(s.val_images), "device": str(device), "history": trainer.history}
-    _write_json(path, result)
+    write_json(path, result)
     print(f"{name} seed {seed}: best val acc {100 * trainer.best_acc:.2f} % (epoch {trainer.best_epoch}), "
           f"{result['wall_s']:.0f} s", flush=True)
     return result
 
 
-def _same_run(cfg: TrainConfig, out: str) -> dict | None:
-    """A finished run in `out` with exactly this configuration (seed, epochs and subset included)."""
+def _runs(out: str) -> list:
+    """Every finished run's JSON in `out`, in file-name order."""
+    runs = []
     for fn in sorted(os.listdir(out)) if os.path.isdir(out) else []:
         if fn.endswith(".json"):
             with open(os.path.join(out, fn)) as f:
-                r = json.load(f)
-            if r.get("config") == cfg.to_dict() and "same_run_as" not in r:
-                return r
-    return None
-
-
-def _write_json(path: str, obj: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+                runs.append(json.load(f))
+    return runs
 
 
 def table(out: str) -> str:
     """Markdown: one row per variant, in VARIANTS order, with every seed's figure."""
     runs = {}
-    for fn in sorted(os.listdir(out)) if os.path.isdir(out) else []:
-        if fn.endswith(".json"):
-            with open(os.path.join(out, fn)) as f:
-                r = json.load(f)
-            runs.setdefault(r["variant"], []).append(r)
+    for r in _runs(out):
+        runs.setdefault(r["variant"], []).append(r)
     lines = ["| variant | change from plain | seeds | best val acc per seed (%) | mean (%) | final val acc (%) "
              "| train acc, last epoch (%) | wall time per run (min) | fastest epoch (s) |",
              "|---|---|---|---|--:|--:|--:|--:|--:|"]
