@@ -428,7 +428,8 @@ def top_file(top_k: int) -> str:
 
 def write_reports(study: optuna.Study, out_dir: str, top_k: int = 3, plots: bool = True):
     """top{k}.json, summary.md and (with plots) the curves of the top trials and the study plots."""
-    top = completed_by_value(study)[:top_k]
+    done = completed_by_value(study)
+    top = done[:top_k]
     write_json(os.path.join(out_dir, top_file(top_k)), [
         {"number": t.number, "params": t.params, "val_acc": t.value,
          "epochs_run": t.user_attrs.get("epochs_run"), "config": t.user_attrs.get("config")}
@@ -451,12 +452,12 @@ def write_reports(study: optuna.Study, out_dir: str, top_k: int = 3, plots: bool
                  _fmt(100 * acc if acc is not None and acc >= 0 else None, ".2f"),
                  _fmt(a.get("epochs_run")), _fmt(a.get("train_time_s"), ".0f"), note]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    if plots and len(top) < MIN_TRIALS_FOR_IMPORTANCE:
-        lines += ["", f"No parameter importances: {len(top)} completed trial(s); they mean little below "
+    if plots and len(done) < MIN_TRIALS_FOR_IMPORTANCE:
+        lines += ["", f"No parameter importances: {len(done)} completed trial(s); they mean little below "
                       f"{MIN_TRIALS_FOR_IMPORTANCE}."]
     write_text(os.path.join(out_dir, "summary.md"), "\n".join(lines) + "\n")
     if plots:
-        _write_plots(study, top, out_dir)
+        _write_plots(study, done, top_k, out_dir)
 
 
 def _fmt(value, float_format=".4g") -> str:
@@ -468,15 +469,15 @@ def _fmt(value, float_format=".4g") -> str:
 MIN_TRIALS_FOR_IMPORTANCE = 5  # fANOVA on fewer completed trials gives shares that mean little
 
 
-def _write_plots(study: optuna.Study, top: list, out_dir: str):
+def _write_plots(study: optuna.Study, done: list, top_k: int, out_dir: str):
+    """done: the completed trials, best first (completed_by_value)."""
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     from optuna.visualization import matplotlib as ovm
 
-    for t in top:
+    for t in done[:top_k]:
         plot_curves(t.user_attrs.get("history", []), os.path.join(out_dir, f"curves_trial_{t.number:04d}.png"),
                     f"trial {t.number}: best val acc {100 * t.value:.2f} %")
-    done = completed_by_value(study)
     # A parameter that never varied among the completed trials explains nothing; leave it out.
     varied = [k for k in (done[0].params if done else {}) if len({repr(t.params.get(k)) for t in done}) > 1]
     with warnings.catch_warnings():

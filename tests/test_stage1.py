@@ -97,6 +97,20 @@ def test_end_to_end_writes_study_attrs_reports_and_plots(tmp_path):
         assert scalars["hparams/best_val_acc"] == pytest.approx(t.value)
 
 
+def test_importances_count_every_completed_trial_not_only_the_top_k(tmp_path):
+    # 6 completed trials, top 2 kept: enough to rank parameters, so no "too few trials" note.
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for value in (0.3, 0.5, 0.4, 0.2, 0.6, 0.35):
+        trial = study.ask()
+        suggest_config(trial, TrainConfig())
+        study.tell(trial, value)
+    stage1_search.write_reports(study, str(tmp_path), top_k=2, plots=True)
+    assert "No parameter importances" not in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "param_importances.png").stat().st_size > 5000
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("curves_trial_")) == [
+        "curves_trial_0001.png", "curves_trial_0004.png"]
+
+
 def test_top_k_names_its_file_and_pruned_trials_say_when(tmp_path):
     study = make_study(make_storage(f"sqlite:///{tmp_path}/s.db", heartbeat=5), "s", seed=0)
     for value in (0.3, 0.5):
