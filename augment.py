@@ -290,9 +290,15 @@ def normalize(x: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tens
     return x.float().mul_(scale).add_(shift)
 
 
-def train_transform(x_uint8: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Crop + flip, RandAugment, normalize: uint8 (B, 3, H, W) -> float32."""
-    return normalize(rand_augment(random_crop_flip(x_uint8, generator), generator))
+def train_transform(
+    x_uint8: torch.Tensor, generator: torch.Generator | None = None, num_ops: int = 2, magnitude: int = 9
+) -> torch.Tensor:
+    """Crop + flip, RandAugment(num_ops, magnitude), normalize: uint8 (B, 3, H, W) -> float32.
+    num_ops 0 leaves crop and flip alone."""
+    x = random_crop_flip(x_uint8, generator)
+    if num_ops > 0:
+        x = rand_augment(x, generator, num_ops=num_ops, magnitude=magnitude)
+    return normalize(x)
 
 
 def eval_transform(x_uint8: torch.Tensor) -> torch.Tensor:

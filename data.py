@@ -8,6 +8,7 @@ import os
 import pickle
 import tarfile
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -214,13 +215,17 @@ class DeviceLoader:
     """Batches from device-resident uint8 tensors: shuffled and augmented per sample for training,
     only normalised for evaluation. Training drops the last partial batch; evaluation keeps all."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool, augment: bool = True):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool, augment: bool = True,
+                 randaug_ops: int = 2, randaug_magnitude: int = 9):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if train and len(images) < batch_size:
             raise ValueError(f"{len(images)} training images are fewer than one batch of {batch_size}")
         self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
-        self.transform = train_transform if train and augment else eval_transform
+        if train and augment:
+            self.transform = partial(train_transform, num_ops=randaug_ops, magnitude=randaug_magnitude)
+        else:
+            self.transform = eval_transform
 
     def __len__(self):
         n = len(self.images)

@@ -37,6 +37,8 @@ class TrainConfig:
     warmup_epochs: int = 2  # linear warmup: +5.8 points at the proxy budget, the one change that paid
     grad_clip: float = 0.0  # max global gradient norm; off: clipping at 1 cost 1.4 points at the proxy budget
     augment: bool = True  # crop, flip and RandAugment; off only for quick sanity runs
+    randaug_ops: int = 2  # RandAugment ops per image (torchvision's default); 0 keeps crop and flip only
+    randaug_magnitude: int = 9  # RandAugment strength, of 31 bins (torchvision's default)
     batch_size: int = 128
     mixup_alpha: float = 0.0  # 0 turns mixup off
     epochs: int = 20  # the schedule's length; early stopping may end sooner
@@ -59,6 +61,9 @@ class TrainConfig:
         if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0.0 <= self.drop_path < 1.0:
             raise ValueError("warmup_epochs, weight_decay and grad_clip must be >= 0 and drop_path in [0, 1), got "
                              f"{self.warmup_epochs}, {self.weight_decay}, {self.grad_clip}, {self.drop_path}")
+        if self.randaug_ops < 0 or not 0 <= self.randaug_magnitude <= 30:
+            raise ValueError(f"randaug_ops must be >= 0 and randaug_magnitude in 0..30, got {self.randaug_ops}, "
+                             f"{self.randaug_magnitude}")
         for name in ("batch_size", "epochs", "patience"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -88,6 +93,8 @@ RECIPE_FLAGS = {
     "drop_path": (float, "stochastic depth rate of the last block; 0 turns it off"),
     "grad_clip": (float, "max global gradient norm; 0 turns clipping off"),
     "sgd_lr_scale": (float, "SGD's learning rate is the configured lr times this; 1 turns it off"),
+    "randaug_ops": (int, "RandAugment ops per training image; 0 turns RandAugment off (crop and flip stay)"),
+    "randaug_magnitude": (int, "RandAugment magnitude, 0..30 (of torchvision's 31 bins)"),
 }
 
 
@@ -262,7 +269,8 @@ class Trainer:
         if device.type == "cpu":
             keep_freed_memory()
         seed_everything(cfg.seed)
-        self.train_loader = DeviceLoader(train_images, train_labels, cfg.batch_size, train=True, augment=cfg.augment)
+        self.train_loader = DeviceLoader(train_images, train_labels, cfg.batch_size, train=True, augment=cfg.augment,
+                                         randaug_ops=cfg.randaug_ops, randaug_magnitude=cfg.randaug_magnitude)
         self.model = ViT(cfg.vit_config()).to(device)
         self.step_model = torch.compile(self.model) if compile else self.model
         self.optimizer = make_optimizer(self.model, cfg, fused=fused and cfg.optimizer == "adamw")

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import augment
 from conftest import synthetic_splits
-from data import DeviceLoader, loss_fn
+from data import AUGMENT_CHUNK, DeviceLoader, loss_fn
 from train import TrainConfig, Trainer, evaluate, lr_factor, make_optimizer
 from vit import ViT
 
@@ -120,6 +121,35 @@ def test_gradient_clipping_and_its_off_position():
 
 def test_recipe_values_are_checked():
     for bad in (dict(label_smoothing=1.0), dict(label_smoothing=-0.1), dict(sgd_lr_scale=0.0),
-                dict(warmup_epochs=-1), dict(weight_decay=-1.0), dict(grad_clip=-1.0), dict(drop_path=1.0)):
+                dict(warmup_epochs=-1), dict(weight_decay=-1.0), dict(grad_clip=-1.0), dict(drop_path=1.0),
+                dict(randaug_ops=-1), dict(randaug_magnitude=31), dict(randaug_magnitude=-1)):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
+
+
+def first_training_chunk(trainer, seed):
+    torch.manual_seed(seed)
+    return next(iter(trainer.train_loader))[0]
+
+
+def by_hand(images, batch_size, seed, num_ops, magnitude):
+    """DeviceLoader's first batch, written out: the shuffle, crop and flip, then RandAugment unless off."""
+    torch.manual_seed(seed)
+    order = torch.randperm(len(images))[: (len(images) // batch_size) * batch_size]
+    x = augment.random_crop_flip(images[order[: (AUGMENT_CHUNK // batch_size) * batch_size]])
+    if num_ops:
+        x = augment.rand_augment(x, num_ops=num_ops, magnitude=magnitude)
+    return augment.normalize(x)[:batch_size]
+
+
+def test_randaugment_settings_reach_the_training_batches_and_zero_ops_turns_it_off():
+    s = synthetic_splits(n_train=256, n_val=64)
+    batches = {}
+    for ops, mag in ((2, 9), (2, 5), (0, 9)):
+        cfg = TrainConfig(**TINY, epochs=1, randaug_ops=ops, randaug_magnitude=mag)
+        trainer = Trainer(cfg, s.train_images, s.train_labels, s.val_images, s.val_labels, torch.device("cpu"),
+                          progress=False)
+        batches[ops, mag] = first_training_chunk(trainer, 5)
+        assert torch.equal(batches[ops, mag], by_hand(s.train_images, cfg.batch_size, 5, ops, mag))
+    # the settings change the batches: a weaker magnitude, and no RandAugment at all
+    assert not torch.equal(batches[2, 9], batches[2, 5]) and not torch.equal(batches[2, 9], batches[0, 9])
