@@ -27,6 +27,7 @@ OP_NAMES = (
     "Brightness", "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
 )  # fmt: skip
 _GEOMETRIC = range(1, 6)
+MAGNITUDE_BINS = 31  # torchvision's RandAugment default: magnitudes 0..30
 _BLEND_OPS = range(6, 10)  # Brightness, Color, Contrast, Sharpness: blends with factor 1 + signed magnitude
 
 
@@ -227,7 +228,7 @@ def _apply_ops(
     op_idx: torch.Tensor,
     negate: torch.Tensor,
     magnitude: int = 9,
-    num_magnitude_bins: int = 31,
+    num_magnitude_bins: int = MAGNITUDE_BINS,
 ) -> torch.Tensor:
     """Apply op OP_NAMES[op_idx[i]] to image i, with its magnitude negated where negate[i] (signed ops only).
 
@@ -263,7 +264,7 @@ def rand_augment(
     generator: torch.Generator | None = None,
     num_ops: int = 2,
     magnitude: int = 9,
-    num_magnitude_bins: int = 31,
+    num_magnitude_bins: int = MAGNITUDE_BINS,
 ) -> torch.Tensor:
     """torchvision's RandAugment(num_ops, magnitude, num_magnitude_bins) with NEAREST interpolation and zero fill,
     except that each image draws its own ops (uniform over the 14, with replacement) and signs."""

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from augment import MAGNITUDE_BINS
 from data import DeviceLoader, loss_fn, mixup
 from vit import ViT, ViTConfig
 
@@ -61,9 +62,9 @@ class TrainConfig:
         if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0.0 <= self.drop_path < 1.0:
             raise ValueError("warmup_epochs, weight_decay and grad_clip must be >= 0 and drop_path in [0, 1), got "
                              f"{self.warmup_epochs}, {self.weight_decay}, {self.grad_clip}, {self.drop_path}")
-        if self.randaug_ops < 0 or not 0 <= self.randaug_magnitude <= 30:
-            raise ValueError(f"randaug_ops must be >= 0 and randaug_magnitude in 0..30, got {self.randaug_ops}, "
-                             f"{self.randaug_magnitude}")
+        if self.randaug_ops < 0 or not 0 <= self.randaug_magnitude < MAGNITUDE_BINS:
+            raise ValueError(f"randaug_ops must be >= 0 and randaug_magnitude in 0..{MAGNITUDE_BINS - 1}, got "
+                             f"{self.randaug_ops}, {self.randaug_magnitude}")
         for name in ("batch_size", "epochs", "patience"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -94,7 +95,7 @@ RECIPE_FLAGS = {
     "grad_clip": (float, "max global gradient norm; 0 turns clipping off"),
     "sgd_lr_scale": (float, "SGD's learning rate is the configured lr times this; 1 turns it off"),
     "randaug_ops": (int, "RandAugment ops per training image; 0 turns RandAugment off (crop and flip stay)"),
-    "randaug_magnitude": (int, "RandAugment magnitude, 0..30 (of torchvision's 31 bins)"),
+    "randaug_magnitude": (int, f"RandAugment magnitude, 0..{MAGNITUDE_BINS - 1} (torchvision's bins)"),
 }
 
 

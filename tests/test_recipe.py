@@ -127,7 +127,7 @@ def test_recipe_values_are_checked():
             TrainConfig(**bad)
 
 
-def first_training_chunk(trainer, seed):
+def first_training_batch(trainer, seed):
     torch.manual_seed(seed)
     return next(iter(trainer.train_loader))[0]
 
@@ -149,7 +149,7 @@ def test_randaugment_settings_reach_the_training_batches_and_zero_ops_turns_it_o
         cfg = TrainConfig(**TINY, epochs=1, randaug_ops=ops, randaug_magnitude=mag)
         trainer = Trainer(cfg, s.train_images, s.train_labels, s.val_images, s.val_labels, torch.device("cpu"),
                           progress=False)
-        batches[ops, mag] = first_training_chunk(trainer, 5)
+        batches[ops, mag] = first_training_batch(trainer, 5)
         assert torch.equal(batches[ops, mag], by_hand(s.train_images, cfg.batch_size, 5, ops, mag))
     # the settings change the batches: a weaker magnitude, and no RandAugment at all
     assert not torch.equal(batches[2, 9], batches[2, 5]) and not torch.equal(batches[2, 9], batches[0, 9])
