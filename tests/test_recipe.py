@@ -119,10 +119,21 @@ def test_gradient_clipping_and_its_off_position():
     assert norms[0.0] > 1e-2 and norms[1e-3] == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_pool_reaches_the_model_and_cls_is_the_papers_class_token():
+    x = torch.randn(2, 3, 32, 32)
+    cls = ViT(TrainConfig(**TINY, pool="cls").vit_config())
+    mean = ViT(TrainConfig(**TINY, pool="mean").vit_config())
+    assert cls.cls_token is not None and cls.pos_embed.shape[1] == 16 + 1  # (32 / 8)^2 patches + the class token
+    assert mean.cls_token is None and mean.pos_embed.shape[1] == 16
+    # "mean" classifies the average of the final (normed) patch tokens: the head of that average, by hand
+    tokens = mean.norm(mean.blocks[1](mean.blocks[0](mean.patch_embed(x) + mean.pos_embed)))
+    assert torch.allclose(mean(x), mean.head(tokens.mean(dim=1)), atol=1e-6)
+
+
 def test_recipe_values_are_checked():
     for bad in (dict(label_smoothing=1.0), dict(label_smoothing=-0.1), dict(sgd_lr_scale=0.0),
                 dict(warmup_epochs=-1), dict(weight_decay=-1.0), dict(grad_clip=-1.0), dict(drop_path=1.0),
-                dict(randaug_ops=-1), dict(randaug_magnitude=31), dict(randaug_magnitude=-1)):
+                dict(randaug_ops=-1), dict(randaug_magnitude=31), dict(randaug_magnitude=-1), dict(pool="max")):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
 

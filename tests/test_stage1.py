@@ -129,12 +129,14 @@ def test_top_k_names_its_file_and_pruned_trials_say_when(tmp_path):
 
 def test_recipe_flags_reach_every_trial(tmp_path):
     study = run(small_args(tmp_path, "--trials", "1", "--epochs", "1", "--label-smoothing", "0.2", "--drop-path", "0.2",
-                           "--sgd-lr-scale", "10"), splits=tiny_splits())
+                           "--sgd-lr-scale", "10", "--pool", "mean"), splits=tiny_splits())
     cfg = study.trials[0].user_attrs["config"]
-    assert (cfg["label_smoothing"], cfg["drop_path"], cfg["sgd_lr_scale"]) == (0.2, 0.2, 10.0)
+    assert (cfg["label_smoothing"], cfg["drop_path"], cfg["sgd_lr_scale"], cfg["pool"]) == (0.2, 0.2, 10.0, "mean")
     bad = subprocess.run([sys.executable, "stage1_search.py", "--label-smoothing", "1.5"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "label_smoothing must be in [0, 1)" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run([sys.executable, "stage1_search.py", "--pool", "max"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "pool must be 'cls' or 'mean'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_resuming_adds_trials_to_the_same_study(tmp_path):
