@@ -4,6 +4,7 @@ import os
 import torch
 
 import ablation
+import stage2_final
 from conftest import synthetic_splits
 
 
@@ -54,3 +55,18 @@ def test_a_variant_with_the_same_configuration_reuses_the_finished_run(tmp_path,
     # another seed, or another configuration, is a run of its own
     assert "same_run_as" not in ablation.run_one("chosen", 1, splits, torch.device("cpu"), 1, 0.2, str(tmp_path))
     assert "same_run_as" not in ablation.run_one("plain", 0, splits, torch.device("cpu"), 1, 0.2, str(tmp_path))
+
+
+def test_the_seed_recipe_config_is_the_long_runs_command():
+    # configs/seed_recipe.json must rebuild the 120-epoch evidence's configuration field for field, and
+    # equal seed_best.json with the three flags that run was started with: one run, two ways to ask for it.
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "results", "reference", "120ep_seed_recipe_stopped_at_97", "config.json")) as f:
+        evidence = json.load(f)["config"]
+    recipe = os.path.join(root, "configs", "seed_recipe.json")
+    from_file = stage2_final.candidates_from_file(recipe, stage2_final.parse_args(["--config", recipe]))
+    best = os.path.join(root, "configs", "seed_best.json")
+    flags = ["--config", best, "--randaug-ops", "2", "--drop-path", "0.1", "--grad-clip", "1"]
+    from_flags = stage2_final.candidates_from_file(best, stage2_final.parse_args(flags))
+    assert from_file[0].config.to_dict() == from_flags[0].config.to_dict() == evidence
+    assert evidence["randaug_ops"] == 2 and evidence["epochs"] == 120  # not two copies of the chosen recipe
