@@ -6,6 +6,8 @@ augmented there, per sample, with tensor ops. No DataLoader workers, no PIL, no 
 
 import os
 import pickle
+import random
+import shutil
 import tarfile
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +26,8 @@ TEST_FILE = "test_batch"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 VAL_PER_CLASS = 500  # 5,000 validation images, 500 of each class
 AUGMENT_CHUNK = 1024  # training images augmented per call (see DeviceLoader.__iter__)
+# The seed's RandAugment (torchvision's defaults): TrainConfig's defaults are these same constants.
+RANDAUG_OPS, RANDAUG_MAGNITUDE = 2, 9
 
 
 class DataError(RuntimeError):
@@ -93,18 +97,32 @@ def _download(data_dir: str):
         download_and_extract_archive(URL, download_root=data_dir, filename="cifar-10-python.tar.gz", md5=ARCHIVE_MD5)
     except (OSError, RuntimeError, tarfile.TarError) as e:
         raise DataError(
-            f"could not download CIFAR-10 from {URL} ({type(e).__name__}: {e}); "
-            f"with no network, pass --data-dir pointing at a folder that holds {FOLDER}/"
+            f"no CIFAR-10 at {os.path.join(data_dir, FOLDER)}, and downloading it from {URL} failed "
+            f"({type(e).__name__}: {e}); check --data-dir (the folder that holds {FOLDER}/) or the network"
         ) from None
+
+
+def find_cifar10(data_dir: str = "data", download: bool = True) -> str:
+    """data_dir/cifar-10-batches-py, downloaded first if it is missing and download is on. A failed
+    download leaves nothing behind: a mistyped --data-dir must not turn into an empty folder."""
+    folder = os.path.join(data_dir, FOLDER)
+    if os.path.isdir(folder):
+        return folder
+    if not download:
+        raise DataError(f"no CIFAR-10 at {folder}; pass --data-dir pointing at the folder that holds {FOLDER}/")
+    existed = os.path.isdir(data_dir)
+    try:
+        _download(data_dir)
+    except DataError:
+        if not existed:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        raise
+    return folder
 
 
 def load_cifar10(data_dir: str = "data", download: bool = True) -> CIFAR10:
     """Read data_dir/cifar-10-batches-py (the official python format), downloading it if asked."""
-    folder = os.path.join(data_dir, FOLDER)
-    if not os.path.isdir(folder):
-        if not download:
-            raise DataError(f"no CIFAR-10 at {folder}; pass --data-dir pointing at the folder that holds {FOLDER}/")
-        _download(data_dir)
+    folder = find_cifar10(data_dir, download)
     train = [_read_batch(os.path.join(folder, name), 10000) for name in TRAIN_FILES]
     test_images, test_labels = _read_batch(os.path.join(folder, TEST_FILE), 10000)
     classes = CLASSES
@@ -188,17 +206,20 @@ def final_test_set(ds: CIFAR10, device="cpu"):
 # ----------------------------------------------------------------------------- mixup and loader
 
 
-def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, num_classes: int = 10):
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, num_classes: int = 10,
+          generator: torch.Generator | None = None, rng: random.Random | None = None):
     """Mix each sample with another of the batch (Zhang et al., 2018); returns soft targets.
 
-    One lambda ~ Beta(alpha, alpha) per batch; rows of the soft targets sum to 1. With alpha 0,
-    mixup is off and the hard labels come back unchanged (the cheaper loss).
+    One lambda ~ Beta(alpha, alpha) per batch, from rng (None: Python's global one); the partners
+    from generator (on x's device; None: torch's global RNG). Rows of the soft targets sum to 1.
+    With alpha 0, mixup is off and the hard labels come back unchanged (the cheaper loss).
     """
     if alpha <= 0:
         return x, y
     targets = F.one_hot(y, num_classes).to(x.dtype)
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())  # global RNG: checkpoints replay it
-    perm = torch.randperm(x.shape[0], device=x.device)
+    # Python's Beta sampler: torch's takes no generator, and one lambda per batch is host work anyway.
+    lam = (rng or random).betavariate(alpha, alpha)
+    perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
     return lam * x + (1 - lam) * x[perm], lam * targets + (1 - lam) * targets[perm]
 
 
@@ -216,14 +237,19 @@ class DeviceLoader:
     only normalised for evaluation. Training drops the last partial batch; evaluation keeps all."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool, augment: bool = True,
-                 randaug_ops: int = 2, randaug_magnitude: int = 9):
+                 randaug_ops: int = RANDAUG_OPS, randaug_magnitude: int = RANDAUG_MAGNITUDE,
+                 generator: torch.Generator | None = None, host_generator: torch.Generator | None = None):
+        """generator (on the images' device) shuffles, crops and flips; host_generator (CPU) draws RandAugment's
+        ops. None: torch's global RNGs. A run's own pair keeps its batches its own, whatever runs beside it."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if train and len(images) < batch_size:
             raise ValueError(f"{len(images)} training images are fewer than one batch of {batch_size}")
         self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
+        self.generator = generator
         if train and augment:
-            self.transform = partial(train_transform, num_ops=randaug_ops, magnitude=randaug_magnitude)
+            self.transform = partial(train_transform, generator=generator, host_generator=host_generator,
+                                     num_ops=randaug_ops, magnitude=randaug_magnitude)
         else:
             self.transform = eval_transform
 
@@ -237,8 +263,8 @@ class DeviceLoader:
             for i in range(len(self)):
                 yield eval_transform(self.images[i * bs : (i + 1) * bs]), self.labels[i * bs : (i + 1) * bs]
             return
-        # Shuffle with the global RNG, so that a checkpoint's saved RNG state replays the same order.
-        order = torch.randperm(n, device=self.images.device)[: len(self) * bs]
+        # Shuffle with the run's generator, so that a checkpoint's saved generator state replays the same order.
+        order = torch.randperm(n, device=self.images.device, generator=self.generator)[: len(self) * bs]
         # Augment several batches per call: each call costs ~300 small kernel launches whatever its
         # size, so chunks of >= 1024 images double the throughput of batch-sized calls on a CPU.
         per_chunk = bs * max(1, AUGMENT_CHUNK // bs)

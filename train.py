@@ -1,7 +1,9 @@
-"""The one training loop both stages share: model, optimizer, schedule, epochs, early stopping.
+"""The one training loop both stages share: model, optimizer, schedule, precision, epochs, early stopping.
 
 Stage 1 adds pruning through `on_epoch`; stage 2 adds checkpoints, TensorBoard and reports the
-same way. Everything a run needs to continue exactly lives in `Trainer.state_dict()`.
+same way. Everything a run needs to continue exactly lives in `Trainer.state_dict()`, its random
+generators included: each Trainer draws from its own, never from torch's global RNG, so that runs
+side by side (threads, or a test) cannot move each other's streams.
 """
 
 import ctypes
@@ -11,12 +13,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from augment import MAGNITUDE_BINS
-from data import DeviceLoader, loss_fn, mixup
+from data import RANDAUG_MAGNITUDE, RANDAUG_OPS, DeviceLoader, loss_fn, mixup
 from vit import ViT, ViTConfig
 
 
@@ -27,7 +28,9 @@ class TrainConfig:
     embed_dim: int = 128
     depth: int = 6
     num_heads: int = 4
-    drop_path: float = 0.0  # stochastic depth; off: 0.1 cost 1.9 points at the proxy budget (docs/recipe.md)
+    # The recipe's defaults are the seed's (docs/recipe.md): the one run at stage 2's length used them, and the
+    # shorter ablations that preferred otherwise measured 10- and 30-epoch budgets only.
+    drop_path: float = 0.1  # stochastic depth of the last block (the seed's; 0 was better at 10 epochs only)
     pool: str = "cls"  # the head reads the paper's class token; "mean" (of the patch tokens) cost 1.3 points
     # optimisation
     optimizer: str = "adamw"  # "adamw" or "sgd" (with Nesterov momentum 0.9)
@@ -37,10 +40,10 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW's decoupled decay (torch's default; 0.05 gained nothing); SGD: / 10, coupled
     scheduler: str = "cosine"  # "cosine" to zero, or "step": x0.1 at 50 % and 75 % of the epochs
     warmup_epochs: int = 2  # linear warmup: +5.8 points at the proxy budget, the one change that paid
-    grad_clip: float = 0.0  # max global gradient norm; off: clipping at 1 cost 1.4 points at the proxy budget
+    grad_clip: float = 1.0  # max global gradient norm (the seed's; 0 was better at 10 epochs only)
     augment: bool = True  # crop and flip (and RandAugment if randaug_ops > 0); off only for quick sanity runs
-    randaug_ops: int = 0  # RandAugment ops per image; off: 2 (torchvision's default) cost 2.7 points at the proxy
-    randaug_magnitude: int = 9  # RandAugment strength, of 31 bins (torchvision's default; 5 gained 0.6, in the spread)
+    randaug_ops: int = RANDAUG_OPS  # RandAugment ops per image (the seed's, torchvision's default); 0: off
+    randaug_magnitude: int = RANDAUG_MAGNITUDE  # RandAugment strength, of 31 bins (the seed's, torchvision's default)
     batch_size: int = 128
     mixup_alpha: float = 0.0  # 0 turns mixup off
     epochs: int = 20  # the schedule's length; early stopping may end sooner
@@ -103,7 +106,7 @@ RECIPE_FLAGS = {
 
 def add_recipe_flags(parser):
     """--label-smoothing, --warmup-epochs, ...: each overrides its TrainConfig field (default: the field's)."""
-    group = parser.add_argument_group("recipe (defaults chosen by ablation; docs/recipe.md)")
+    group = parser.add_argument_group("recipe (defaults: the seed's recipe; docs/recipe.md)")
     defaults = TrainConfig()
     for name, (kind, text) in RECIPE_FLAGS.items():
         group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=kind.__name__.upper(),
@@ -139,23 +142,62 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+AMP_HELP = ("mixed precision of the training steps: auto (bf16 on a GPU that runs it natively, Ampere and "
+            "newer; fp16 with loss scaling on older ones such as a T4 or V100; off on the CPU and MPS, where "
+            "bf16 is emulated and slower), bf16, fp16 or off. Validation and the test always run in float32 "
+            "(default: auto)")
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def resolve_amp(device: torch.device, amp: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of the training steps, or None for float32."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        # is_bf16_supported() alone says yes on a T4 or V100 too, through emulation slower than fp32.
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
-def _set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
+class RunRandom:
+    """A run's own random streams, so that nothing else in the process can move them.
+
+    device: on the training device (shuffling, crops, flips, drop-path, mixup's partners); host: a
+    CPU generator (RandAugment's op choices: host-side, so a GPU never syncs for them); python:
+    mixup's Beta-distributed lambda. On a CPU run device and host are two generators of the same
+    kind, seeded apart. (The model's init has a generator of its own, used once.)
+    """
+
+    def __init__(self, seed: int, device: torch.device):
+        self.device_type = device.type
+        self.device = torch.Generator(device=device).manual_seed(seed)
+        self.host = torch.Generator().manual_seed(seed + 1)
+        self.python = random.Random(seed)
+
+    def state_dict(self) -> dict:
+        return {"device_type": self.device_type, "device": self.device.get_state(), "host": self.host.get_state(),
+                "python": self.python.getstate()}
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Restore the streams; False (the device stream left as seeded) when the checkpoint was written on
+        another kind of device, whose generator state does not fit this one."""
+        self.host.set_state(state["host"])
+        self.python.setstate(_as_tuples(state["python"]))
+        if state["device_type"] != self.device_type:
+            return False
+        self.device.set_state(state["device"])
+        return True
+
+
+def _as_tuples(x):
+    # random.Random.setstate wants the tuples getstate gave; a checkpoint may hand back lists.
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # where torch >= 2.4 has a fused AdamW kernel
@@ -184,6 +226,14 @@ def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     if cfg.scheduler == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+
+
+def warmup_note(cfg: TrainConfig) -> str | None:
+    """A line for the log when lr_factor shortens the warmup: it never takes more than a fifth of the schedule."""
+    if cfg.warmup_epochs * 5 <= cfg.epochs:
+        return None
+    return (f"note: a {cfg.warmup_epochs}-epoch warmup is more than a fifth of {cfg.epochs} epoch(s); it is cut to "
+            f"the first fifth of the schedule's steps (--warmup-epochs sets it)")
 
 
 def keep_freed_memory() -> bool:
@@ -225,22 +275,23 @@ def cpu_micro_batch(cfg: TrainConfig) -> int:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, loader: DeviceLoader, amp: bool = False, return_preds: bool = False,
-             tta: bool = False):
+def evaluate(model: torch.nn.Module, loader: DeviceLoader, return_preds: bool = False, tta: bool = False):
     """Mean loss and accuracy over every sample of the loader (and predictions and class probabilities,
     if asked). tta adds "tta_acc": the accuracy of averaging each image's and its mirror's logits;
-    everything else stays the plain figure, from the same pass."""
+    everything else stays the plain figure, from the same pass.
+
+    Always float32, whatever precision trained the model: validation (early stopping, the best
+    epoch) and the test then measure the same function, and their gap compares like with like."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
     tta_correct = torch.zeros((), device=device, dtype=torch.long)
     outs = []  # class probabilities with return_preds, else only the predicted classes
     for x, y in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-            if tta:
-                mirrored = (logits + model(x.flip(3))) / 2  # flip(3): the width axis of (B, C, H, W)
-                tta_correct += (mirrored.argmax(1) == y).sum()
+        logits = model(x)
+        if tta:
+            mirrored = (logits + model(x.flip(3))) / 2  # flip(3): the width axis of (B, C, H, W)
+            tta_correct += (mirrored.argmax(1) == y).sum()
         loss_sum += loss_fn(logits.float(), y) * len(y)
         # Probabilities only when asked: a validation epoch needs just the argmax.
         outs.append(logits.float().softmax(1) if return_preds else logits.argmax(1))
@@ -255,33 +306,71 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, amp: bool = False, re
     return result
 
 
+class _LateValue:
+    """A device scalar divided by n, copied to the host without waiting: ready() once the copy is done.
+
+    The progress bar shows the loss of a few steps ago rather than making a GPU drain its queue for it."""
+
+    def __init__(self, total: torch.Tensor, n: int):
+        self.n = n
+        self.host = total.to("cpu", non_blocking=True, copy=True)  # copy: on a CPU, .to would alias the running sum
+        self.event = None
+        if total.device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    @property
+    def value(self) -> float:
+        return float(self.host) / self.n
+
+
 class Trainer:
     """Holds a run's model, optimizer, schedule and early-stopping state; `fit` runs the epochs."""
 
     def __init__(self, cfg: TrainConfig, train_images, train_labels, val_images, val_labels,
-                 device: torch.device, amp: bool | None = None, fused: bool | None = None, compile: bool = False,
+                 device: torch.device, amp: str = "auto", fused: bool | None = None, compile: str | bool = "off",
                  micro_batch: int | None = None, progress: bool = True, log_every_s: float = 30.0):
         # progress: a bar on a terminal; off a terminal (a log, a pipe) a line every log_every_s
         # seconds instead, so that a log shows the run is alive long before the epoch ends.
         self.cfg, self.device, self.progress, self.log_every_s = cfg, device, progress, log_every_s
-        # bf16 autocast pays on GPUs; on a CPU without bf16 units bf16 is emulated and 4x slower.
-        # None: on for CUDA only. Fused AdamW: one kernel instead of ~10 per tensor (CPU: 1.1 ms
-        # instead of 4-5 ms a step for the seed's best shape).
-        self.amp = device.type == "cuda" if amp is None else amp
+        self.amp_dtype = resolve_amp(device, amp)
+        # fp16's narrow range underflows small gradients: scale the loss up, and the gradients back
+        # before clipping and the step. A disabled scaler passes everything through unchanged.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        # Fused AdamW: one kernel instead of ~10 per tensor (CPU: 1.1 ms instead of 4-5 ms a step for
+        # the seed's best shape).
         fused = device.type in FUSED_ADAMW_DEVICES if fused is None else fused
         if device.type == "cpu":
             keep_freed_memory()
-        seed_everything(cfg.seed)
+        self.random = RunRandom(cfg.seed, device)
         self.train_loader = DeviceLoader(train_images, train_labels, cfg.batch_size, train=True, augment=cfg.augment,
-                                         randaug_ops=cfg.randaug_ops, randaug_magnitude=cfg.randaug_magnitude)
-        self.model = ViT(cfg.vit_config()).to(device)
-        self.step_model = torch.compile(self.model) if compile else self.model
+                                         randaug_ops=cfg.randaug_ops, randaug_magnitude=cfg.randaug_magnitude,
+                                         generator=self.random.device, host_generator=self.random.host)
+        model = ViT(cfg.vit_config())
+        # A generator of the init's own, on the CPU (then moved): the same init on every device, and one that
+        # no other draw depends on, so that e.g. the model's size never shifts the augmentation's stream.
+        model.init_weights(torch.Generator().manual_seed(cfg.seed))
+        self.model = model.to(device)
+        self.model.use_generator(self.random.device)
+        compile = {True: "default", False: "off"}.get(compile, compile)
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        if compile != "off":
+            # A new shape (each stage-1 trial) recompiles; past torch's recompile limit it would silently
+            # run eager. Each Trainer starts from a clean cache instead: it then compiles exactly once.
+            torch._dynamo.reset()
+        self.step_model = self.model if compile == "off" else torch.compile(self.model, mode=compile)
         self.optimizer = make_optimizer(self.model, cfg, fused=fused and cfg.optimizer == "adamw")
         self.micro_batch = micro_batch or (cfg.batch_size if device.type != "cpu" else cpu_micro_batch(cfg))
         # Inference keeps no activations, so 4x the training micro-batch fits the same memory.
         self.val_loader = DeviceLoader(val_images, val_labels, min(500, 4 * self.micro_batch), train=False)
         steps = len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg, steps))
+        self.replays_exactly = True  # False once resumed from a checkpoint of another kind of device
+        self.stopped_for_time = False
         self.epoch = 0  # epochs completed
         self.history = []  # one dict per completed epoch
         self.best_acc, self.best_epoch, self.bad_epochs = -1.0, 0, 0
@@ -296,7 +385,8 @@ class Trainer:
             "epoch": self.epoch,
             "history": self.history,
             "early_stopping": {"best_acc": self.best_acc, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs},
-            "rng": _rng_state(),
+            "rng": self.random.state_dict(),
+            "scaler": self.scaler.state_dict(),
         }
 
     def load_state_dict(self, state: dict):
@@ -306,7 +396,10 @@ class Trainer:
         self.epoch, self.history = state["epoch"], list(state["history"])
         es = state["early_stopping"]
         self.best_acc, self.best_epoch, self.bad_epochs = es["best_acc"], es["best_epoch"], es["bad_epochs"]
-        _set_rng_state(state["rng"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        # False: written on another kind of device; the run goes on, but not as an uninterrupted one would.
+        self.replays_exactly = self.random.load_state_dict(state["rng"])
 
     @property
     def stopped_early(self) -> bool:
@@ -321,25 +414,31 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
                    disable=None if self.progress else True, unit="batch")
         log_lines, last_log = self.progress and bar.disable, t0
+        shown = None  # the bar's loss: copied off the device without waiting, and shown at the next update
         for i, (x, y) in enumerate(bar):
-            x, targets = mixup(x, y, cfg.mixup_alpha)
+            x, targets = mixup(x, y, cfg.mixup_alpha, generator=self.random.device, rng=self.random.python)
             self.optimizer.zero_grad(set_to_none=True)
             # Gradients of micro-batches, each weighted by its share, add up to the whole batch's.
             for xm, tm, ym in zip(x.split(self.micro_batch), targets.split(self.micro_batch), y.split(self.micro_batch)):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
                     logits = model(xm)
                 loss = loss_fn(logits.float(), tm, cfg.label_smoothing) * (len(ym) / len(y))
-                loss.backward()
+                self.scaler.scale(loss).backward()
                 # Accumulate on the device: a .item() per step would stall a GPU.
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(1) == ym).sum()  # with mixup: against the unmixed label
             if cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # skipped (and the scale lowered) if fp16 overflowed
+            self.scaler.update()
             self.scheduler.step()
             seen += len(y)
             if i % 20 == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                if shown is not None and shown.ready():
+                    bar.set_postfix(loss=f"{shown.value:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                shown = _LateValue(loss_sum, seen)
             if log_lines and time.perf_counter() - last_log >= self.log_every_s:
                 last_log = time.perf_counter()
                 n, rate = len(self.train_loader), seen / (last_log - t0)
@@ -352,15 +451,35 @@ class Trainer:
         return {"train_loss": train_loss, "train_acc": correct.item() / seen,
                 "epoch_time": time.perf_counter() - t0, "train_img_s": seen / (time.perf_counter() - t0)}
 
-    def fit(self, on_epoch=None) -> list:
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.cfg.epochs or self.stopped_early
+
+    def fit(self, on_epoch=None, deadline: float | None = None, epoch_estimate_s: float | None = None) -> list:
         """Train until cfg.epochs or early stopping. on_epoch(trainer, record) runs after each epoch
-        (stage 1 reports to Optuna and may raise TrialPruned; stage 2 saves checkpoints)."""
-        while self.epoch < self.cfg.epochs and not self.stopped_early:
+        (stage 1 reports to Optuna and may raise TrialPruned; stage 2 saves checkpoints).
+
+        deadline (a time.monotonic() value): start no epoch that would end after it, judged by the
+        last epoch's wall time (training, validation and on_epoch), before the first by epoch_estimate_s
+        or the history's last epoch; with no estimate at all, one epoch runs. `stopped_for_time` then
+        says it stopped.
+        """
+        self.stopped_for_time = False
+        last_epoch_s = epoch_estimate_s
+        if last_epoch_s is None and self.history:
+            last = self.history[-1]
+            last_epoch_s = last.get("epoch_s", last["epoch_time"])
+        while not self.finished:
+            if deadline is not None and last_epoch_s is not None and time.monotonic() + last_epoch_s > deadline:
+                self.stopped_for_time = True
+                break
+            started = time.monotonic()
             lr = self.optimizer.param_groups[0]["lr"]
             record = self.train_epoch()
-            val = evaluate(self.model, self.val_loader, amp=self.amp)
+            val = evaluate(self.model, self.val_loader)
             self.epoch += 1
-            record = {"epoch": self.epoch, **record, "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr}
+            record = {"epoch": self.epoch, **record, "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
+                      "epoch_s": time.monotonic() - started}  # training and validation
             record["is_best"] = val["acc"] > self.best_acc
             if record["is_best"]:
                 self.best_acc, self.best_epoch, self.bad_epochs = val["acc"], self.epoch, 0
@@ -369,4 +488,5 @@ class Trainer:
             self.history.append(record)
             if on_epoch is not None:
                 on_epoch(self, record)
+            last_epoch_s = time.monotonic() - started
         return self.history

@@ -96,16 +96,21 @@ class MLP(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop a sample's whole residual branch with probability p, in training only."""
+    """Stochastic depth: drop a sample's whole residual branch with probability p, in training only.
+
+    Draws from `generator` (on the activations' device) when one is set (ViT.use_generator), else from
+    torch's global RNG.
+    """
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
+        self.generator = None
 
     def forward(self, x):
         if not self.training or self.p == 0.0:
             return x
-        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.p  # one draw per sample
+        keep = torch.rand(x.shape[0], 1, 1, device=x.device, generator=self.generator) >= self.p  # one draw per sample
         return x * (keep.to(x.dtype) / (1.0 - self.p))  # scale the (B, 1, 1) mask: one full-size op, not two
 
 
@@ -138,21 +143,29 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.embed_dim)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
-        self.apply(self._init_weights)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
-        if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=0.02, a=-0.04, b=0.04)
+        self.init_weights()
 
-    @staticmethod
-    def _init_weights(m):
-        # One init for every weight matrix (as in ViT): normal, std 0.02, truncated at 2 std; zero biases.
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
-            if m.bias is not None:
+    def init_weights(self, generator: torch.Generator | None = None):
+        """One init for every weight matrix (as in ViT): normal, std 0.02, truncated at 2 std; zero biases.
+        generator (CPU, for CPU parameters): a run's own, so that no other run's draws move its init."""
+        normal = lambda t: nn.init.trunc_normal_(t, std=0.02, a=-0.04, b=0.04, generator=generator)  # noqa: E731
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                normal(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        normal(self.pos_embed)
+        if self.cls_token is not None:
+            normal(self.cls_token)
+
+    def use_generator(self, generator: torch.Generator | None):
+        """Stochastic depth draws from this generator (on the model's device) from now on; None: the global RNG."""
+        for m in self.modules():
+            if isinstance(m, DropPath):
+                m.generator = generator
 
     def forward(self, x):
         x = self.patch_embed(x)  # (B, N, D)

@@ -164,19 +164,22 @@ def test_normalize_matches_torchvision():
 
 def test_train_transform_output():
     x = make_batch()
-    out = augment.train_transform(x, torch.Generator().manual_seed(7))
+    out = augment.train_transform(x, torch.Generator().manual_seed(7), host_generator=torch.Generator().manual_seed(1))
     assert out.dtype == torch.float32 and out.shape == x.shape
     mean = torch.tensor(augment.CIFAR10_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(augment.CIFAR10_STD).view(1, 3, 1, 1)
     assert (out >= -mean / std - 1e-5).all() and (out <= (1 - mean) / std + 1e-5).all()
-    assert torch.equal(out, augment.train_transform(x, torch.Generator().manual_seed(7)))
+    assert torch.equal(out, augment.train_transform(x, torch.Generator().manual_seed(7),
+                                                    host_generator=torch.Generator().manual_seed(1)))
 
 
 def test_memory_layout_does_not_matter():
     x = make_batch()
     channels_last = x.contiguous(memory_format=torch.channels_last)
-    for fn in (augment.random_crop_flip, augment.rand_augment, augment.train_transform):
+    both = lambda fn, x: fn(x, torch.Generator().manual_seed(8), host_generator=torch.Generator().manual_seed(9))  # noqa: E731
+    for fn in (augment.random_crop_flip, augment.rand_augment):
         assert torch.equal(fn(x, torch.Generator().manual_seed(8)), fn(channels_last, torch.Generator().manual_seed(8)))
+    assert torch.equal(both(augment.train_transform, x), both(augment.train_transform, channels_last))
 
 
 def test_rejects_non_uint8():
@@ -194,7 +197,13 @@ def test_cuda_matches_torchvision_on_cuda():
             expected = torch.stack([torchvision_op(img, op, negate) for img in x])
             assert ours.device == x.device
             assert (ours.int() - expected.int()).abs().max().item() <= 1, augment.OP_NAMES[op]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    out = augment.train_transform(x, gen)
+    def transform():
+        gens = torch.Generator(device="cuda").manual_seed(0), torch.Generator().manual_seed(1)
+        return augment.train_transform(x, gens[0], host_generator=gens[1])
+
+    out = transform()
     assert out.device == x.device and out.dtype == torch.float32
-    assert torch.equal(out, augment.train_transform(x, torch.Generator(device="cuda").manual_seed(0)))
+    assert torch.equal(out, transform())
+    # the host draws the ops, the device the pixels: the same images as on the CPU, with the CPU's crops
+    assert torch.equal(augment.rand_augment(x, torch.Generator().manual_seed(2)).cpu(),
+                       augment.rand_augment(x.cpu(), torch.Generator().manual_seed(2)))

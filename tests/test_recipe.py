@@ -46,15 +46,16 @@ def test_the_trainer_trains_against_smoothed_labels():
     trainer = Trainer(cfg, splits.train_images, splits.train_labels, splits.val_images, splits.val_labels,
                       torch.device("cpu"), progress=False)
     initial = copy.deepcopy(trainer.model).train()
-    rng = torch.get_rng_state()  # the loader shuffles with the global RNG: replay its batches
-    batches = list(DeviceLoader(splits.train_images, splits.train_labels, cfg.batch_size, train=True, augment=False))
-    torch.set_rng_state(rng)
+    replay = torch.Generator().manual_seed(0)
+    replay.set_state(trainer.random.device.get_state())  # the loader shuffles with the run's generator
+    batches = list(DeviceLoader(splits.train_images, splits.train_labels, cfg.batch_size, train=True, augment=False,
+                                generator=replay))
     record = trainer.train_epoch()
     with torch.no_grad():
         smoothed = torch.stack([loss_fn(initial(x), y, 0.2) for x, y in batches]).mean().item()
         plain = torch.stack([loss_fn(initial(x), y, 0.0) for x, y in batches]).mean().item()
     assert record["train_loss"] == pytest.approx(smoothed, abs=1e-5)
-    assert abs(smoothed - plain) > 1e-3  # the check above could tell the two apart
+    assert abs(smoothed - plain) > 1e-4  # 10x the tolerance above: that check could tell the two apart
 
 
 def test_validation_loss_is_never_smoothed():
@@ -121,8 +122,8 @@ def test_gradient_clipping_and_its_off_position():
 
 def test_pool_reaches_the_model_and_cls_is_the_papers_class_token():
     x = torch.randn(2, 3, 32, 32)
-    cls = ViT(TrainConfig(**TINY, pool="cls").vit_config())
-    mean = ViT(TrainConfig(**TINY, pool="mean").vit_config())
+    cls = ViT(TrainConfig(**TINY, pool="cls").vit_config()).eval()  # eval: no drop-path draws
+    mean = ViT(TrainConfig(**TINY, pool="mean").vit_config()).eval()
     assert cls.cls_token is not None and cls.pos_embed.shape[1] == 16 + 1  # (32 / 8)^2 patches + the class token
     assert mean.cls_token is None and mean.pos_embed.shape[1] == 16
     # "mean" classifies the average of the final (normed) patch tokens: the head of that average, by hand
@@ -138,18 +139,18 @@ def test_recipe_values_are_checked():
             TrainConfig(**bad)
 
 
-def first_training_batch(trainer, seed):
-    torch.manual_seed(seed)
+def first_training_batch(trainer):
     return next(iter(trainer.train_loader))[0]
 
 
 def by_hand(images, batch_size, seed, num_ops, magnitude):
-    """DeviceLoader's first batch, written out: the shuffle, crop and flip, then RandAugment unless off."""
-    torch.manual_seed(seed)
-    order = torch.randperm(len(images))[: (len(images) // batch_size) * batch_size]
-    x = augment.random_crop_flip(images[order[: (AUGMENT_CHUNK // batch_size) * batch_size]])
+    """DeviceLoader's first batch, written out from the run's seed: the shuffle, crop and flip on the device
+    generator (seed), then RandAugment's ops on the host one (seed + 1) unless off."""
+    device, host = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    order = torch.randperm(len(images), generator=device)[: (len(images) // batch_size) * batch_size]
+    x = augment.random_crop_flip(images[order[: (AUGMENT_CHUNK // batch_size) * batch_size]], device)
     if num_ops:
-        x = augment.rand_augment(x, num_ops=num_ops, magnitude=magnitude)
+        x = augment.rand_augment(x, host, num_ops=num_ops, magnitude=magnitude)
     return augment.normalize(x)[:batch_size]
 
 
@@ -157,10 +158,11 @@ def test_randaugment_settings_reach_the_training_batches_and_zero_ops_turns_it_o
     s = synthetic_splits(n_train=256, n_val=64)
     batches = {}
     for ops, mag in ((2, 9), (2, 5), (0, 9)):
-        cfg = TrainConfig(**TINY, epochs=1, randaug_ops=ops, randaug_magnitude=mag)
+        cfg = TrainConfig(**TINY, epochs=1, randaug_ops=ops, randaug_magnitude=mag, seed=5)
         trainer = Trainer(cfg, s.train_images, s.train_labels, s.val_images, s.val_labels, torch.device("cpu"),
                           progress=False)
-        batches[ops, mag] = first_training_batch(trainer, 5)
+        torch.manual_seed(99)  # the global RNG plays no part
+        batches[ops, mag] = first_training_batch(trainer)
         assert torch.equal(batches[ops, mag], by_hand(s.train_images, cfg.batch_size, 5, ops, mag))
     # the settings change the batches: a weaker magnitude, and no RandAugment at all
     assert not torch.equal(batches[2, 9], batches[2, 5]) and not torch.equal(batches[2, 9], batches[0, 9])

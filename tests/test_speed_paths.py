@@ -19,7 +19,7 @@ def losses(**options):
 
 @pytest.fixture(scope="module")
 def reference():
-    return losses(amp=False, fused=False, compile=False)
+    return losses(amp="off", fused=False, compile="off")
 
 
 def test_fused_adamw_gives_the_same_losses(reference):
@@ -27,7 +27,11 @@ def test_fused_adamw_gives_the_same_losses(reference):
 
 
 def test_bf16_autocast_gives_close_losses(reference):
-    assert losses(amp=True) == pytest.approx(reference, rel=3e-2)
+    assert losses(amp="bf16") == pytest.approx(reference, rel=3e-2)
+
+
+def test_fp16_autocast_with_loss_scaling_gives_close_losses(reference):
+    assert losses(amp="fp16") == pytest.approx(reference, rel=3e-2)
 
 
 def test_torch_compile_gives_the_same_losses(reference):

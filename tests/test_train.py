@@ -31,11 +31,17 @@ def test_training_learns_a_synthetic_task_and_records_every_epoch():
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
-@pytest.mark.parametrize("optimizer,scheduler,mixup_alpha", [("sgd", "step", 0.1), ("adamw", "cosine", 0.1)])
-def test_every_optimizer_scheduler_and_mixup_runs(optimizer, scheduler, mixup_alpha):
-    trainer = make_trainer(epochs=1, optimizer=optimizer, scheduler=scheduler, mixup_alpha=mixup_alpha, lr=1e-3)
-    (record,) = trainer.fit()
-    assert 0.0 <= record["train_acc"] <= 1.0 and record["val_loss"] > 0
+@pytest.mark.parametrize("optimizer,scheduler,mixup_alpha", [("sgd", "step", 0.1), ("adamw", "cosine", 0.1),
+                                                           ("adamw", "step", 0.0)])
+def test_every_optimizer_scheduler_and_mixup_learns_on_its_schedule(optimizer, scheduler, mixup_alpha):
+    trainer = make_trainer(epochs=4, optimizer=optimizer, scheduler=scheduler, mixup_alpha=mixup_alpha, lr=1e-3)
+    history = trainer.fit()
+    assert isinstance(trainer.optimizer, torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW)
+    assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["val_acc"] > 0.2  # chance: 0.1
+    # Each epoch starts at the schedule's learning rate for its first step (SGD: times its scale).
+    cfg, steps = trainer.cfg, len(trainer.train_loader)
+    peak = cfg.lr * (cfg.sgd_lr_scale if optimizer == "sgd" else 1.0)
+    assert [r["lr"] for r in history] == pytest.approx([peak * lr_factor(e * steps, cfg, steps) for e in range(4)])
 
 
 def test_seeded_cpu_runs_repeat_exactly():
@@ -77,6 +83,16 @@ def test_resuming_from_a_state_dict_matches_an_uninterrupted_run():
     assert [r["val_acc"] for r in resumed] == [r["val_acc"] for r in full]
 
 
+def test_a_warmup_longer_than_a_fifth_of_the_schedule_is_cut_and_said():
+    from train import warmup_note
+
+    assert warmup_note(TrainConfig(epochs=20, warmup_epochs=2)) is None
+    short = TrainConfig(epochs=1, warmup_epochs=2)
+    assert "cut to the first fifth" in warmup_note(short)
+    factors = [lr_factor(s, short, steps_per_epoch=10) for s in range(10)]
+    assert factors[:2] == [0.5, 1.0] and factors[-1] < 0.1  # 2 warmup steps of 10, then the decay
+
+
 def test_schedules_warm_up_then_decay():
     cfg = TrainConfig(epochs=10, warmup_epochs=1, scheduler="cosine")
     f = [lr_factor(s, cfg, steps_per_epoch=10) for s in range(100)]
@@ -94,10 +110,16 @@ def test_invalid_train_config_is_rejected():
         TrainConfig(embed_dim=130)
 
 
-def test_auto_device_is_cpu_without_accelerators():
-    if not torch.cuda.is_available():
-        assert pick_device("auto").type in ("cpu", "mps")
-    assert pick_device("cpu").type == "cpu"
+def test_auto_device_takes_cuda_then_mps_then_the_cpu(monkeypatch):
+    mps = getattr(torch.backends, "mps", None)
+    for cuda, apple, expected in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        if mps is not None:
+            monkeypatch.setattr(mps, "is_available", lambda apple=apple: apple)
+        elif expected == "mps":
+            continue
+        assert pick_device("auto") == torch.device(expected)
+    assert pick_device("cpu") == torch.device("cpu") and pick_device("cuda:1") == torch.device("cuda", 1)
 
 
 @needs_real_data
@@ -107,7 +129,7 @@ def test_seed_best_shape_learns_real_cifar10_in_two_epochs():
     assert len(splits.train_images) == 5000 and len(splits.val_images) == 5000
     # Augmentation and stochastic depth pay over long runs but slow the first epochs: off here (30 % vs 26 %).
     cfg = TrainConfig(patch_size=4, embed_dim=128, depth=6, num_heads=4, optimizer="adamw", lr=5.8e-4,
-                      batch_size=64, epochs=2, augment=False, drop_path=0.0)
+                      batch_size=64, epochs=2, augment=False, drop_path=0.0, grad_clip=0.0)
     trainer = Trainer(cfg, splits.train_images, splits.train_labels, splits.val_images, splits.val_labels,
                       device=torch.device("cpu"), progress=False)
     history = trainer.fit()
@@ -182,3 +204,85 @@ def test_off_a_terminal_progress_comes_as_steady_lines(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(chatty.train_loader) == 4  # every batch, at a 0-second pace
     assert lines[0].split()[:4] == ["epoch", "1/1", "batch", "1/4"] and "img/s" in lines[0] and "ends in" in lines[-1]
+
+
+def test_a_run_gives_the_same_history_alone_and_beside_another():
+    """Each Trainer draws from its own generators: a second run started mid-way (its init, its shuffling,
+    augmentation, drop-path and mixup) moves nothing of the first. Before, every Trainer re-seeded torch's
+    global RNG, which all of those drew from."""
+    import threading
+
+    recipe = dict(epochs=3, mixup_alpha=0.1, drop_path=0.2, randaug_ops=2)
+    alone = make_trainer(**recipe).fit()
+    first = make_trainer(**recipe)
+    other_started = threading.Event()
+
+    def start_another(t, record):
+        if record["epoch"] == 1:  # a second run starts, seeded alike, and trains beside this one
+            other = make_trainer(**recipe)
+            threading.Thread(target=lambda: (other_started.set(), other.fit()), daemon=True).start()
+            other_started.wait()
+            torch.manual_seed(12345)  # and someone re-seeds the global RNG for good measure
+
+    beside = first.fit(on_epoch=start_another)
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+    assert [[r[k] for k in keys] for r in beside] == [[r[k] for k in keys] for r in alone]
+
+
+def test_a_checkpoint_of_another_kind_of_device_resumes_without_replaying_its_device_stream():
+    trainer = make_trainer(epochs=2)
+    state = trainer.state_dict()
+    assert set(state["rng"]) == {"device_type", "device", "host", "python"}  # the training device's own, no more
+    state["rng"] = {**state["rng"], "device_type": "cuda", "device": torch.zeros(16, dtype=torch.uint8)}
+    other = make_trainer(epochs=2)
+    other.load_state_dict(state)  # no IndexError from a list of every visible GPU's state
+    assert other.replays_exactly is False
+    same = make_trainer(epochs=2)
+    same.load_state_dict(trainer.state_dict())
+    assert same.replays_exactly is True
+
+
+def test_amp_auto_picks_what_the_card_runs_natively(monkeypatch):
+    from train import resolve_amp
+
+    assert resolve_amp(torch.device("cpu"), "auto") is None  # bf16 is emulated on CPUs: 4x slower
+    assert resolve_amp(torch.device("cpu"), "bf16") is torch.bfloat16  # asked for: given
+    for native, expected in ((True, torch.bfloat16), (False, torch.float16)):  # Ampere and newer; T4, V100
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
+        assert resolve_amp(torch.device("cuda:1"), "auto") is expected
+    assert resolve_amp(torch.device("cuda"), "off") is None
+    with pytest.raises(ValueError, match="amp must be one of"):
+        resolve_amp(torch.device("cpu"), "fp8")
+
+
+def test_fp16_trains_with_a_loss_scaler_that_checkpoints_carry():
+    trainer = make_trainer(epochs=1)
+    assert not trainer.scaler.is_enabled()
+    splits = synthetic_splits()
+    fp16 = Trainer(TrainConfig(**TINY, epochs=1), splits.train_images, splits.train_labels, splits.val_images,
+                   splits.val_labels, device=torch.device("cpu"), amp="fp16", progress=False)
+    assert fp16.scaler.is_enabled()
+    fp16.fit()
+    state = fp16.state_dict()
+    assert state["scaler"]["scale"] > 0
+    again = Trainer(TrainConfig(**TINY, epochs=1), splits.train_images, splits.train_labels, splits.val_images,
+                    splits.val_labels, device=torch.device("cpu"), amp="fp16", progress=False)
+    again.load_state_dict(state)
+    assert again.scaler.state_dict() == state["scaler"]
+
+
+def test_a_deadline_stops_before_the_first_epoch_that_would_not_fit():
+    import time
+
+    trainer = make_trainer(epochs=5, patience=10)
+    # Epochs of at least 0.3 s (the callback sleeps), a deadline 0.5 s away: the first epoch runs (nothing to
+    # judge it by), the second would end past the deadline and never starts.
+    history = trainer.fit(on_epoch=lambda t, r: time.sleep(0.3), deadline=time.monotonic() + 0.5)
+    assert len(history) == 1 and trainer.stopped_for_time and not trainer.finished
+    # A resumed run judges its first epoch by the history's last one.
+    again = make_trainer(epochs=5, patience=10)
+    again.load_state_dict(trainer.state_dict())
+    again.history[-1]["epoch_s"] = 3600.0
+    assert again.fit(deadline=time.monotonic() + 60) == again.history and again.epoch == 1 and again.stopped_for_time
+    # No deadline: the run goes to its end.
+    assert len(trainer.fit()) == 5 and not trainer.stopped_for_time and trainer.finished
