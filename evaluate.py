@@ -1,6 +1,11 @@
 """Evaluate a checkpoint on the 10,000 CIFAR-10 test images: the only code that reads the test set.
 
     python evaluate.py results/stage2/trial_0012/best.pt --data-dir ../shared/data
+    python evaluate.py --export model.pt results/stage2/trial_0012/best.pt
+
+A run folder stands for its best.pt (or, lacking one, its model.pt). --export writes the model alone
+(weights as trained, configuration, epoch, validation accuracy; no optimizer state: a third of an
+AdamW checkpoint's size), which this script and predict.py accept as they do a checkpoint.
 
 Writes next to the checkpoint: test_metrics.json (accuracy with its 95 % Clopper-Pearson interval,
 macro and per-class precision, recall, F1, support; fractions), test_predictions.json (per image,
@@ -15,19 +20,18 @@ import argparse
 import csv
 import io
 import os
-import pickle
-import re
 import sys
-import warnings
 
 import numpy as np
 import torch
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
+from checkpoint import checkpoint_file, load_checkpoint
+from cli import resolve_device
 from data import VAL_PER_CLASS, DataError, DeviceLoader, final_test_set, load_cifar10
-from report import code_version, plot_mistakes, plot_per_class_accuracy, write_json, write_text
+from report import code_version, plot_mistakes, plot_per_class_accuracy, write_bytes, write_json, write_text
 from stats import accuracy_interval, difference_interval
-from train import TrainConfig, evaluate, pick_device
+from train import TrainConfig, evaluate
 from vit import ViT
 
 EVAL_BATCH = 500  # the validation loader's size: inference memory is small, larger batches gain nothing
@@ -36,54 +40,30 @@ METRICS_FILE = "test_metrics.json"
 PREDICTIONS_FILE = "test_predictions.json"
 TEST_OUTPUTS = (METRICS_FILE, PREDICTIONS_FILE, "classification_report.txt", "confusion_matrix.png",
                 "confusion_matrix.csv", "mistakes.png", "per_class_accuracy.png")
+MODEL_FORMAT = "vit-cifar10 weights"  # the "format" entry of an exported model file
+# What evaluation reads; the optimizer, scheduler, RNG states and history only serve to resume training.
+MODEL_KEYS = ("config", "model", "epoch", "early_stopping")
 
 
-def load_checkpoint(path: str, device="cpu") -> dict:
-    """A checkpoint written by Trainer.state_dict(), loaded without executing any pickled code."""
-    if not os.path.isfile(path):
-        raise DataError(f"no checkpoint at {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols before refusing them
-            state = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's safe loader stops at the first thing that is not tensors or plain data: a class or
-        # function (how a pickle runs code) or an opcode it does not allow. Its own message suggests
-        # weights_only=False, the one thing not to do with such a file, so it is not passed on.
-        found = re.search(r"GLOBAL (\S+)|(Unsupported operand \d+)", str(e))
-        what = f" (first offender: {found.group(1) or found.group(2)})" if found else ""
-        raise DataError(f"refusing to load {path}: it holds more than tensors and plain data{what}, and loading "
-                        f"it fully could run code; checkpoints of this project never do") from None
-    except Exception as e:  # truncated zips, foreign files: all mean the same to the user
-        raise DataError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); "
-                        f"it may be truncated") from None
-    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
-        raise DataError(f"{path} is not a checkpoint of this project (no 'model' and 'config' entries)")
-    return state
+def export_model(checkpoint_path: str, out_path: str) -> dict:
+    """Write the checkpoint's model alone to out_path (atomically) and return what was written.
 
-
-def resolve_device(name: str) -> torch.device:
-    """pick_device, with a one-line error for a name torch does not know or a device this machine lacks."""
-    try:
-        device = pick_device(name)
-    except RuntimeError as e:
-        raise DataError(f"cannot use device {name!r}: {_first_sentence(e)}; "
-                        f"use auto, cpu, cuda, cuda:N or mps") from None
-    # torch's own messages for these point at driver downloads, which are rarely the fix.
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"cannot use device {name!r}: torch finds no CUDA GPU on this machine; "
-                        f"pass --device cpu (or auto, which takes a GPU when there is one)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DataError(f"cannot use device {name!r}: there is no Apple GPU (MPS) on this machine; pass --device cpu")
-    try:
-        torch.empty(0, device=device)  # fails now, not deep inside training
-    except (RuntimeError, AssertionError) as e:
-        raise DataError(f"cannot use device {name!r}: {_first_sentence(e)}") from None
-    return device
-
-
-def _first_sentence(e: Exception) -> str:
-    return str(e).splitlines()[0].split(". ")[0]  # torch appends paragraphs of backend lists and advice
+    The weights stay exactly as trained (fp32), so that evaluating the file reproduces the checkpoint's
+    test accuracy image for image; early_stopping carries the validation accuracy the model was kept for.
+    """
+    path = checkpoint_file(checkpoint_path)
+    state = load_checkpoint(path)
+    if os.path.exists(out_path) and os.path.samefile(path, out_path):
+        raise DataError(f"--export {out_path} would replace the checkpoint itself (and its optimizer state); "
+                        f"write the model file under another name")
+    model_from_checkpoint(state, "cpu")  # a model that does not fit its configuration is not worth shipping
+    exported = {"format": MODEL_FORMAT, **{k: state[k] for k in MODEL_KEYS if k in state},
+                # this code's version, which reads the file; the training code's is in the run's config.json
+                "code_version": code_version()}
+    buf = io.BytesIO()
+    torch.save(exported, buf)
+    write_bytes(out_path, buf.getvalue())
+    return exported
 
 
 def model_from_checkpoint(state: dict, device) -> ViT:
@@ -149,12 +129,13 @@ def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
     of averaging each image's and its mirror's logits as a separate figure (the plain one stays the headline).
     """
     device = torch.device(device)
+    path = checkpoint_file(path)  # a folder's outputs go into the folder, next to its checkpoint
     state = load_checkpoint(path)
     model = model_from_checkpoint(state, device)
     images, labels = final_test_set(ds, device)
     # fp32 even on GPUs: the test numbers must not depend on a precision shortcut.
     loader = DeviceLoader(images, labels, EVAL_BATCH, train=False)
-    result = evaluate(model, loader, amp=False, return_preds=True, tta=tta)
+    result = evaluate(model, loader, return_preds=True, tta=tta)
     y_true, y_pred = labels.cpu().numpy(), result["preds"].numpy()
     classes = list(ds.classes)
     metrics = classification_metrics(y_true, y_pred, classes)
@@ -205,7 +186,11 @@ def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a best.pt or last.pt written by stage2_final.py (or stage 1's last.pt)")
+    p.add_argument("checkpoint", help="a best.pt or last.pt written by stage2_final.py (or stage 1's last.pt), a "
+                                      "model file written by --export, or a run folder: its best.pt (else model.pt)")
+    p.add_argument("--export", metavar="OUT.pt",
+                   help="do not test: write the checkpoint's model alone (weights as trained, configuration, epoch, "
+                        "validation accuracy; no optimizer state) to OUT.pt, for evaluate.py and predict.py")
     p.add_argument("--data-dir", default="data",
                    help="folder holding (or to receive) cifar-10-batches-py/ (default: data)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading CIFAR-10")
@@ -218,11 +203,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.export:
+        return export_main(args.checkpoint, args.export)
     try:
         device = resolve_device(args.device)
-        load_checkpoint(args.checkpoint)  # refuse a bad file before the slower dataset load
+        path = checkpoint_file(args.checkpoint)
+        load_checkpoint(path)  # refuse a bad file before the slower dataset load
         ds = load_cifar10(args.data_dir, download=not args.no_download)
-        m = evaluate_checkpoint(args.checkpoint, ds, device, tta=args.tta)
+        m = evaluate_checkpoint(path, ds, device, tta=args.tta)
     except DataError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # the checkpoint's folder is not writable, or the disk is full
@@ -231,7 +219,20 @@ def main(argv=None):
     tta = f"; with mirror TTA {100 * m['tta']['accuracy']:.2f} %" if "tta" in m else ""
     print(f"test accuracy {100 * m['accuracy']:.2f} % (95 % interval {100 * low:.2f}-{100 * high:.2f}){tta}, "
           f"macro precision {100 * m['macro']['precision']:.2f} %, recall {100 * m['macro']['recall']:.2f} %, "
-          f"F1 {100 * m['macro']['f1']:.2f} % on {m['test_images']} images; written next to {args.checkpoint}")
+          f"F1 {100 * m['macro']['f1']:.2f} % on {m['test_images']} images; written next to {path}")
+
+
+def export_main(checkpoint: str, out: str):
+    try:
+        state = export_model(checkpoint, out)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: cannot write {e.filename!r}: {e.strerror}; the checkpoint itself is untouched")
+    val = state.get("early_stopping", {}).get("best_acc")
+    val = f", validation accuracy {100 * val:.2f} %" if val is not None and val >= 0 else ""
+    print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB): the model of epoch {state.get('epoch')}{val}, "
+          f"without optimizer state")
 
 
 if __name__ == "__main__":

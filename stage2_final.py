@@ -18,35 +18,34 @@ last worker to finish writes the report (--report-only rebuilds it from the fold
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, fields
 
-import numpy as np
 import optuna
-import torch
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from data import DataError, load_cifar10, train_val_splits
-from evaluate import PREDICTIONS_FILE, TEST_OUTPUTS, evaluate_checkpoint, load_checkpoint, resolve_device
-from report import TensorBoardLogger, code_version, log_hparams, plot_curves, write_bytes, write_json, write_text
-from stage1_search import (OneLineParser, ResultsError, StorageError, file_lock, check_writable, completed_by_value,
-                           is_dead_local_worker, make_storage, process_identity, redact_url, storage_error)
-from stats import mcnemar, verdict
-from train import Diverged, TrainConfig, Trainer, add_recipe_flags, recipe_overrides
+from checkpoint import load_into, save_checkpoint
+from cli import (EXIT_TIME_LIMIT, OneLineParser, ResultsError, StoppedForTime, add_time_limit, check_writable, clock,
+                 continue_command, resolve_device)
+from data import DataError, find_cifar10, load_cifar10, train_val_splits
+from evaluate import TEST_OUTPUTS, evaluate_checkpoint, load_checkpoint
+from report import TensorBoardLogger, code_version, log_hparams, plot_curves, write_json
+from reports import epochs_phrase, write_report
+from train import (AMP_HELP, AMP_MODES, COMPILE_MODES, Diverged, TrainConfig, Trainer, add_recipe_flags,
+                   recipe_overrides, warmup_note)
+from workers import (CLAIM, StorageError, completed_by_value, make_storage, process_identity, read_claim, read_json,
+                     redact_url, release_claim, storage_error, take_claim)
 
 CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
-CLAIM, DONE = "claim.json", "done.json"  # in a model's folder: who is training it; its finished report row
+SCHEDULE_FLAGS = {"epochs": "--epochs", "patience": "--patience", "subset_ratio": "--subset"}  # stage 2's, not a file's
+DONE = "done.json"  # in a model's folder: its finished report row (CLAIM: who is training it)
 # Everything a run writes into its folder; --fresh removes exactly these, nothing a person put there
 # (metrics.json: what evaluate.py called test_metrics.json before it stopped overwriting stage 1's).
 RUN_OUTPUTS = ("last.pt", "best.pt", "curves.png", "metrics.json", *TEST_OUTPUTS, DONE)
-# What a last.pt must hold to be resumed; one written by an older version of this code may lack some.
-CHECKPOINT_KEYS = {"config", "model", "optimizer", "scheduler", "epoch", "history", "early_stopping", "rng"}
 
 
 @dataclass
@@ -60,7 +59,7 @@ class Candidate:
 def stage2_config(d: dict, args) -> TrainConfig:
     # Recipe flags given on the command line win over the configuration's own values.
     return TrainConfig.from_dict({**d, **recipe_overrides(args), "epochs": args.epochs, "patience": args.patience,
-                                  "subset_ratio": 1.0})
+                                  "subset_ratio": args.subset})
 
 
 # ----------------------------------------------------------------------------- where configurations come from
@@ -135,14 +134,20 @@ def candidates_from_file(path: str, args) -> list:
     candidates, names = [], set()
     for i, entry in enumerate(entries):
         number, val_acc = entry.get("number"), entry.get("val_acc")
-        if "params" in entry:  # a top3.json entry: its full config, with Optuna's params on top
+        if "params" in entry:  # a top3.json entry: its full config (stage 1's schedule), Optuna's params on top
             d = {**(entry.get("config") or {}), **entry["params"]}
         else:
             d, number, val_acc = entry, None, None
+            # Stage 2's schedule comes from its flags; a file's value would be silently overridden.
+            scheduled = [k for k in SCHEDULE_FLAGS if k in d]
+            if scheduled:
+                raise DataError(f"--config {path}, configuration {i}: {', '.join(scheduled)} is set by "
+                                f"{', '.join(SCHEDULE_FLAGS[k] for k in scheduled)} for every model, not by the file; "
+                                f"remove it from the file")
         unknown = sorted(set(d) - set(CONFIG_KEYS))
         if unknown:
             raise DataError(f"--config {path}, configuration {i}: unknown key(s) {', '.join(unknown)}; "
-                            f"known keys: {', '.join(CONFIG_KEYS)}")
+                            f"known keys: {', '.join(k for k in CONFIG_KEYS if k not in SCHEDULE_FLAGS)}")
         try:
             cfg = stage2_config(d, args)
         except (TypeError, ValueError) as e:
@@ -158,73 +163,6 @@ def candidates_from_file(path: str, args) -> list:
 # ----------------------------------------------------------------------------- sharing the models between workers
 
 
-def _load_json(path: str):
-    """The file's JSON, or None if there is no such file (OSError or ValueError if it is unreadable)."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-
-
-def _read_claim(path: str) -> dict | None:
-    try:
-        claim = _load_json(path)
-    except (OSError, ValueError):
-        claim = "unreadable"
-    if claim is None:
-        return None
-    if not isinstance(claim, dict) or not isinstance(claim.get("pid"), int) or "host" not in claim:
-        raise DataError(f"{path} is not a claim written by stage2_final.py; delete it if no worker is training "
-                        f"that model")
-    return claim
-
-
-def take_claim(run_dir: str) -> str | None:
-    """Make this process the one worker that trains the model in run_dir: None if it now is, else who is.
-
-    The claim is a file that appears atomically, already complete (a hard link to a written temporary
-    file: the O_EXCL of a file with content), so that two workers, even on two machines sharing the
-    folder, never both get it. A claim whose process is dead on this host is taken over, and the
-    model resumes from its last.pt; a claim of another host is left alone, since only that host can
-    tell whether its worker lives (delete the file if that machine is gone for good).
-    """
-    path = os.path.join(run_dir, CLAIM)
-    me = {**process_identity(), "claimed_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    os.makedirs(run_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=CLAIM + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        with file_lock(path + ".lock"):  # one local worker at a time judges and removes a dead claim
-            for _ in range(3):  # a claim may be released or removed between two steps: look again
-                try:
-                    os.link(tmp, path)
-                    return None
-                except FileExistsError:
-                    holder = _read_claim(path)
-                if holder is None:
-                    continue
-                if not is_dead_local_worker(holder):  # alive, or on another host: only that host can tell
-                    return (f"{holder['host']} pid {holder['pid']} (claimed {holder.get('claimed_at', '?')}; "
-                            f"{path})")
-                tqdm.write(f"{os.path.basename(run_dir)}: its worker, pid {holder['pid']} on this host, is dead; "
-                           f"taking the model over")
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-            return f"another worker ({path})"
-    finally:
-        os.remove(tmp)
-
-
-def release_claim(run_dir: str):
-    path = os.path.join(run_dir, CLAIM)
-    holder = _read_claim(path)
-    me = process_identity()
-    if holder is not None and (holder["host"], holder["pid"]) == (me["host"], me["pid"]):
-        os.remove(path)
-
-
 def _other_config(c: Candidate, path: str) -> DataError:
     return DataError(f"{path} was trained with another configuration than {c.source}; pass --fresh to start it "
                      f"over, or --results to write elsewhere")
@@ -238,7 +176,7 @@ def finished_row(c: Candidate, run_dir: str, fresh_since: float | None = None) -
     """
     path = os.path.join(run_dir, DONE)
     try:
-        row = _load_json(path)
+        row = read_json(path)
         if row is not None and not isinstance(row, dict):
             raise ValueError
     except (OSError, ValueError):
@@ -257,26 +195,20 @@ def row_from_disk(c: Candidate, run_dir: str) -> dict:
     row = finished_row(c, run_dir)
     if row is not None:
         return row
-    last, epochs = os.path.join(run_dir, "last.pt"), 0
+    last, epochs, planned = os.path.join(run_dir, "last.pt"), 0, c.config.epochs
     if os.path.isfile(last):
         with contextlib.suppress(DataError):  # an unreadable last.pt is reported when a worker meets it
-            epochs = load_checkpoint(last).get("epoch", 0)
-    holder = _read_claim(os.path.join(run_dir, CLAIM))
+            state = load_checkpoint(last)
+            # the run's own schedule, which --report-only's flags need not repeat
+            epochs, planned = state.get("epoch", 0), state["config"].get("epochs", planned)
+    holder = read_claim(os.path.join(run_dir, CLAIM))
     who = f", being trained by {holder['host']} pid {holder['pid']}" if holder else ""
     return {**_row(c), "epochs_run": epochs, "stopped_early": False, "failure": "",
-            "unfinished": f"not finished yet ({epochs} of {_epochs(c.config.epochs)} in last.pt{who})"}
+            "max_epochs": planned,
+            "unfinished": f"not finished yet ({epochs} of {epochs_phrase(planned)} in last.pt{who})"}
 
 
 # ----------------------------------------------------------------------------- training one model
-
-
-def save_checkpoint(state: dict, path: str):
-    # Serialised in memory, then written whole through a temporary file (write_bytes): a kill or a
-    # full disk mid-write keeps the checkpoint a resume needs, and a full disk raises a plain OSError,
-    # which torch's own file writer turns into an opaque RuntimeError.
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    write_bytes(path, buf.getbuffer())
 
 
 def clear_run(run_dir: str):
@@ -287,22 +219,8 @@ def clear_run(run_dir: str):
 
 def resume(trainer: Trainer, c: Candidate, last: str):
     """Load last.pt into the trainer, or refuse one this run cannot continue; it is never overwritten silently."""
-    state = load_checkpoint(last)  # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
-    again = "pass --fresh to start it over (its checkpoints are deleted), or --results to write elsewhere"
-    missing = sorted(CHECKPOINT_KEYS - state.keys())
-    if missing:
-        raise DataError(f"{last} comes from an older, incompatible version of this code (no {', '.join(missing)}); "
-                        f"{again}")
-    if not isinstance(state["config"], dict) or state["config"].keys() != set(CONFIG_KEYS):
-        raise DataError(f"{last} comes from an older, incompatible version of this code (its configuration has "
-                        f"other keys); {again}")
-    if state["config"] != c.config.to_dict():
-        raise _other_config(c, last)
-    try:
-        trainer.load_state_dict(state)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise DataError(f"{last} does not fit this code's model or optimizer ({str(e).splitlines()[0]}); "
-                        f"{again}") from None
+    load_into(trainer, last, again="pass --fresh to start it over (its checkpoints are deleted), or --results to "
+                                   "write elsewhere", other_config=lambda: _other_config(c, last))
 
 
 def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
@@ -310,9 +228,13 @@ def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
     last, best = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     os.makedirs(run_dir, exist_ok=True)
     cfg, s = c.config, splits
-    trainer = Trainer(cfg, s.train_images, s.train_labels, s.val_images, s.val_labels, device, compile=args.compile)
+    trainer = Trainer(cfg, s.train_images, s.train_labels, s.val_images, s.val_labels, device, amp=args.amp,
+                      compile=args.compile)
     if os.path.isfile(last) and not args.fresh:
         resume(trainer, c, last)
+        if not trainer.replays_exactly:
+            tqdm.write(f"note: {last} was written on another kind of device, whose random stream cannot carry over "
+                       f"here: the run goes on, but not exactly as an uninterrupted one would have")
     else:
         clear_run(run_dir)  # a run from scratch must not inherit the curves or checkpoints of an older one
     if trainer.epoch == 0 or not os.path.isfile(os.path.join(run_dir, "config.json")):
@@ -321,17 +243,21 @@ def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
 
     done = trainer.epoch >= cfg.epochs or trainer.stopped_early
     if done:
-        tqdm.write(f"{c.name}: already trained ({_epochs(trainer.epoch)}); evaluating only")
+        tqdm.write(f"{c.name}: already trained ({epochs_phrase(trainer.epoch)}); evaluating only")
     else:
         if trainer.epoch:
             tqdm.write(f"{c.name}: resuming after epoch {trainer.epoch} of {cfg.epochs} "
                        f"(best val acc {100 * trainer.best_acc:.2f} % at epoch {trainer.best_epoch})")
         else:
-            tqdm.write(f"{c.name}: training from scratch, at most {_epochs(cfg.epochs)} on {len(s.train_images)} "
+            tqdm.write(f"{c.name}: training from scratch, at most {epochs_phrase(cfg.epochs)} on {len(s.train_images)} "
                        f"images, early stopping on {len(s.val_images)} (patience {cfg.patience}), on {device}")
+            if warmup_note(cfg):
+                tqdm.write(f"{c.name}: {warmup_note(cfg)}")
         tensorboard = TensorBoardLogger(run_dir)
+        first_epoch = trainer.epoch
 
         def on_epoch(t: Trainer, record: dict):
+            args.epochs_trained = getattr(args, "epochs_trained", 0) + 1  # by this run, over all its models
             state = t.state_dict()
             # best.pt before last.pt: a kill between the two then replays this epoch rather than
             # leaving a last.pt whose best epoch has no best.pt.
@@ -339,22 +265,41 @@ def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
                 save_checkpoint(state, best)
             save_checkpoint(state, last)
             tensorboard(t, record)
+            recent = [r.get("epoch_s", r["epoch_time"]) for r in t.history[-5:]]
+            left = (cfg.epochs - t.epoch) * sum(recent) / len(recent)
+            eta = f", at most {clock(left)} left" if left > 0 else ""  # early stopping may end it sooner
             tqdm.write(f"{c.name} epoch {record['epoch']:3d}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
                        f"acc {100 * record['train_acc']:.2f} %, val loss {record['val_loss']:.4f} "
                        f"acc {100 * record['val_acc']:.2f} %"
-                       f"{' (best)' if record['is_best'] else ''}, lr {record['lr']:.2e}, {record['epoch_time']:.0f}s")
+                       f"{' (best)' if record['is_best'] else ''}, lr {record['lr']:.2e}, {record['epoch_time']:.0f}s"
+                       f"{eta}")
 
         try:
-            trainer.fit(on_epoch)
+            # A model's first epoch is judged by the last model's: the best guess there is.
+            trainer.fit(on_epoch, deadline=getattr(args, "deadline", None),
+                        epoch_estimate_s=getattr(args, "last_epoch_s", None))
+            if trainer.history:
+                args.last_epoch_s = trainer.history[-1].get("epoch_s")
         except Diverged as e:
             # Keep going: best.pt, from before the divergence, is still a model worth testing.
             tqdm.write(f"{c.name}: {e}; evaluating its best checkpoint")
             return _summary(c, trainer, run_dir, failure=str(e))
         finally:
             tensorboard.close()
-    why = (f"stopped early: no better validation accuracy for {_epochs(cfg.patience)}" if trainer.stopped_early
-           else f"ran all {_epochs(cfg.epochs)}")
-    tqdm.write(f"{c.name}: {_epochs(trainer.epoch)}, {why}; best val acc {100 * trainer.best_acc:.2f} % "
+        if trainer.stopped_for_time:
+            if not getattr(args, "epochs_trained", 0):  # a limit shorter than one epoch would never get anywhere
+                final = trainer.history[-1] if trainer.history else {}
+                took = f" (the last took {final.get('epoch_s', final.get('epoch_time', 0)):.0f} s)" if final else ""
+                raise StoppedForTime(f"{c.name}: not one epoch fits in the time limit{took}, so nothing was "
+                                     f"trained; give a longer --time-limit")
+            if trainer.epoch == first_epoch:
+                raise StoppedForTime(f"{c.name} not started: its first epoch would not end within the time limit")
+            raise StoppedForTime(f"{c.name} stopped for the time limit after epoch {trainer.epoch} of {cfg.epochs} "
+                                 f"(best val acc {100 * trainer.best_acc:.2f} % at epoch {trainer.best_epoch}); "
+                                 f"its last.pt holds everything a resume needs")
+    why = (f"stopped early: no better validation accuracy for {epochs_phrase(cfg.patience)}" if trainer.stopped_early
+           else f"ran all {epochs_phrase(cfg.epochs)}")
+    tqdm.write(f"{c.name}: {epochs_phrase(trainer.epoch)}, {why}; best val acc {100 * trainer.best_acc:.2f} % "
                f"at epoch {trainer.best_epoch}")
     return _summary(c, trainer, run_dir)
 
@@ -390,139 +335,6 @@ def train_and_test(c: Candidate, splits, ds, args, device, run_dir: str):
     write_json(os.path.join(run_dir, DONE), {**row, "finished_at": time.time(), "worker": process_identity()})
 
 
-# ----------------------------------------------------------------------------- report
-
-
-def _epochs(n: int) -> str:
-    return f"{n} epoch" + ("" if n == 1 else "s")
-
-
-def _pct(x) -> str:
-    return "" if x is None else f"{100 * x:.2f} %"
-
-
-def plot_comparison(rows: list, path: str):
-    """Test accuracy and macro precision, recall and F1, grouped by model."""
-    import matplotlib.pyplot as plt  # report.py has already chosen the Agg backend
-
-    metrics = [("test_acc", "accuracy"), ("precision", "macro precision"), ("recall", "macro recall"),
-               ("f1", "macro F1")]
-    x = np.arange(len(rows))
-    width = 0.8 / len(metrics)
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(rows) + 2), 4.5))
-    for k, (key, label) in enumerate(metrics):
-        values = [100 * r[key] for r in rows]
-        bars = ax.bar(x + (k - (len(metrics) - 1) / 2) * width, values, width, label=label)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    lowest = min(100 * r[key] for r in rows for key, _ in metrics)
-    # Models a few points apart look identical on a 0-100 axis; start just below the lowest bar.
-    ax.set_ylim(max(0, 10 * (lowest // 10) - 10), 104)  # 104: room for the labels of bars near 100
-    ax.set_xticks(x, [r["model"] for r in rows])
-    bottom = ax.get_ylim()[0]
-    # Say it when the axis does not start at 0, so that bar heights are not read as ratios.
-    ax.set(ylabel="% on the test set" + (f" (axis starts at {bottom:.0f} %)" if bottom > 0 else ""),
-           title="Stage 2: test-set metrics per model")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(metrics), fontsize=8)  # below: never over a bar
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def pairwise_tests(rows: list, out_dir: str) -> list:
-    """Exact McNemar test for every pair of tested models, best first, from their saved per-image predictions."""
-    correct = {}
-    for r in rows:
-        path = os.path.join(out_dir, r["model"], PREDICTIONS_FILE)
-        if r.get("test_acc") is not None and os.path.isfile(path):
-            with open(path) as f:
-                p = json.load(f)
-            correct[r["model"]] = np.asarray(p["preds"]) == np.asarray(p["labels"])
-    order = sorted(correct, key=lambda name: -correct[name].mean())
-    return [{"a": a, "b": b, **mcnemar(correct[a], correct[b])}
-            for i, a in enumerate(order) for b in order[i + 1:] if len(correct[a]) == len(correct[b])]
-
-
-def _interval(ci) -> str:
-    return "" if not ci else f"{100 * ci[0]:.2f}-{100 * ci[1]:.2f}"
-
-
-def write_report(rows: list, out_dir: str, args):
-    tested = [r for r in rows if r.get("test_acc") is not None]
-    pairs = pairwise_tests(rows, out_dir)
-    if tested:
-        plot_comparison(tested, os.path.join(out_dir, "comparison.png"))
-    n_test = tested[0]["test_images"] if tested else 0
-    lines = [
-        "# Stage 2: final models on the CIFAR-10 test set", "",
-        f"{len(rows)} model(s), each retrained from scratch on all training images but the 5,000 held out for "
-        f"validation, with early stopping on those (patience {args.patience}, at most {_epochs(args.epochs)}), "
-        f"then tested once, at its best validation epoch, on the {n_test:,} test images. "
-        f"Code version `{code_version()}`.", "",
-        "Accuracies in percent; each test accuracy with its exact 95 % (Clopper-Pearson) interval over the test "
-        "images, and the validation-minus-test gap with its 95 % interval (normal approximation; validation is "
-        "the best of many epochs, so the gap leans positive).", "",
-        "| model | test acc | 95 % interval | macro precision | macro recall | macro F1 | best val acc | val − test "
-        "(95 % interval) | epochs run |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        run = f"{r['epochs_run']} of {r['max_epochs']}" + (", stopped early" if r["stopped_early"] else "")
-        if r.get("test_acc") is None:
-            lines.append(f"| {r['model']} | not tested | | | | | | | {run}: {r['failure'] or r.get('unfinished')} |")
-            continue
-        gap = f"{100 * (r['best_val_acc'] - r['test_acc']):+.2f} points"
-        if r.get("val_minus_test_ci95"):
-            gap += f" ({100 * r['val_minus_test_ci95'][0]:+.2f} to {100 * r['val_minus_test_ci95'][1]:+.2f})"
-        lines.append(f"| {r['model']} | {_pct(r['test_acc'])} | {_interval(r.get('test_acc_ci95'))} | "
-                     f"{_pct(r['precision'])} | {_pct(r['recall'])} | {_pct(r['f1'])} | {_pct(r['best_val_acc'])} "
-                     f"(epoch {r['best_epoch']}) | {gap} | {run} |")
-    if tested:
-        lines += ["", "![test accuracy, macro precision, recall and F1 per model](comparison.png)"]
-    if pairs:
-        lines += ["", "## Is the best model really better?", "",
-                  verdict(pairs[0]["a"], pairs[0]["b"], pairs[0]), "",
-                  "Every pair on the same test images, exact McNemar test (only images exactly one of the two gets "
-                  "right count):", "",
-                  "| model A | model B | A right, B wrong | B right, A wrong | p-value | at the 5 % level |",
-                  "|---|---|--:|--:|--:|---|"]
-        for t in pairs:
-            lines.append(f"| {t['a']} | {t['b']} | {t['a_only']} | {t['b_only']} | {t['p_value']:.3g} | "
-                         f"{'A better' if t['p_value'] < 0.05 else 'no significant difference'} |")
-    for r in rows:
-        cfg = " ".join(f"`{k}={v}`" for k, v in r["config"].items())
-        stage1 = (f" Its stage-1 validation accuracy was {_pct(r['stage1_val_acc'])}."
-                  if r["stage1_val_acc"] is not None else "")
-        why = (f"stopped early after {_epochs(r['epochs_run'])} without a better validation accuracy for "
-               f"{r['config']['patience']}" if r["stopped_early"]
-               else f"trained {r['epochs_run']} of {_epochs(r['max_epochs'])}")
-        lines += ["", f"## {r['model']}", "", f"From {r['source']}.{stage1}", "", f"Configuration: {cfg}", ""]
-        if r["failure"]:
-            lines += [f"Training failed: {r['failure']}.", ""]
-        if r.get("unfinished"):
-            lines += [f"{r['unfinished'][0].upper()}{r['unfinished'][1:]}.", ""]
-        if r.get("test_acc") is None:
-            lines += [f"![training curves]({r['model']}/curves.png)"]
-            continue
-        lines += [
-            f"It {why}; its best validation accuracy, {_pct(r['best_val_acc'])}, came at epoch {r['best_epoch']}. "
-            f"On the test set: accuracy {_pct(r['test_acc'])}, macro precision {_pct(r['precision'])}, "
-            f"recall {_pct(r['recall'])}, F1 {_pct(r['f1'])}; validation minus test "
-            f"{100 * (r['best_val_acc'] - r['test_acc']):+.2f} points.", "",
-            f"![training and validation curves]({r['model']}/curves.png)", "",
-            f"![confusion matrix, counts and row-normalised]({r['model']}/confusion_matrix.png)", "",
-            f"![per-class test accuracy with 95 % intervals]({r['model']}/per_class_accuracy.png)", "",
-            f"![the 36 most confident mistakes]({r['model']}/mistakes.png)", "",
-            f"[test_metrics.json]({r['model']}/test_metrics.json) · "
-            f"[confusion_matrix.csv]({r['model']}/confusion_matrix.csv)", "",
-            "```", r["classification_report"].rstrip(), "```",
-        ]
-    write_text(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
-    write_json(os.path.join(out_dir, "summary.json"), {
-        "accuracy_unit": "fraction", "models": [{k: v for k, v in r.items() if k != "classification_report"}
-                                                for r in rows], "pairwise_mcnemar": pairs})
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -532,8 +344,11 @@ def parse_args(argv=None):
     which.add_argument("--trials", type=int, nargs="+", metavar="N", default=None,
                        help="retrain these stage-1 trials by number instead of the top k (default: the top k)")
     which.add_argument("--config", metavar="FILE.json", default=None,
-                       help="retrain the configuration(s) in this JSON file (one object or a list, in the keys of "
-                            "top3.json's params, or whole top3.json entries); no study needed (default: none)")
+                       help="retrain the configuration(s) in this JSON file (one object or a list, or whole "
+                            "top3.json entries); no study needed. Keys: "
+                            + ", ".join(k for k in CONFIG_KEYS if k not in SCHEDULE_FLAGS)
+                            + " (configs/seed_best.json has them all; missing ones take the defaults; epochs, "
+                              "patience and the subset come from the flags) (default: none)")
     p.add_argument("--top-k", type=int, default=3, help="completed stage-1 trials to retrain, best first (default: 3)")
     p.add_argument("--epochs", type=int, default=120, help="most epochs per model (default: 120)")
     p.add_argument("--patience", type=int, default=15,
@@ -553,8 +368,18 @@ def parse_args(argv=None):
                         "(default: sqlite:///RESULTS/stage1.db)")
     p.add_argument("--study-name", default="vit-cifar10",
                    help="stage 1's study name in the storage (default: vit-cifar10)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu (default: auto)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays on GPUs for long runs)")
+    p.add_argument("--subset", type=float, default=1.0,
+                   help="share of the 45,000 training images each model trains on, stratified, as stage 1's --subset; "
+                        "for a quick look at the whole pipeline (default: 1.0, all of them)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps "
+                                                    "(default: auto)")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto", help=AMP_HELP)
+    p.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
+                   help="torch.compile the model: --compile alone is torch's default mode; reduce-overhead adds CUDA "
+                        "graphs, which cut the launch overhead that bounds small models on big GPUs. Stage 2's "
+                        "shape is fixed for its whole run, so the one compile (tens of seconds) can repay itself "
+                        "on a GPU; on a CPU it measured no gain (default: off, on every device)")
+    add_time_limit(p)
     add_recipe_flags(p)
     args = p.parse_args(argv)
     recipe_overrides(args, p)
@@ -565,6 +390,8 @@ def parse_args(argv=None):
         p.error("--report-only trains nothing, so --fresh has nothing to start over")
     if args.trials is not None and min(args.trials) < 0:
         p.error(f"--trials takes trial numbers (0 or more), got {min(args.trials)}")
+    if not 0.0 < args.subset <= 1.0:
+        p.error(f"--subset must be in (0, 1], got {args.subset}")
     if args.storage is None:
         args.storage = f"sqlite:///{os.path.join(args.results, 'stage1.db')}"
     return args
@@ -574,6 +401,8 @@ def run(args, ds=None) -> list:
     """Train and test every chosen model that no other worker has taken or finished, then report
     them all if none is left; `ds` (tests) replaces CIFAR-10. Returns every model's row, as far as it got."""
     started = time.time()
+    limit = getattr(args, "time_limit", None)
+    args.deadline = None if limit is None else time.monotonic() + limit
     device = None if args.report_only else resolve_device(args.device)
     # Configurations first: a missing study should fail in a second, not after loading the data.
     candidates = candidates_from_file(args.config, args) if args.config else candidates_from_study(args)
@@ -586,6 +415,8 @@ def run(args, ds=None) -> list:
                    f"in {os.path.join(out_dir, 'report.md')}")
         return rows
     check_writable(out_dir)
+    if ds is None:  # before any model is claimed: a mistyped --data-dir fails here, naming the folder
+        find_cifar10(args.data_dir, download=not args.no_download)
     tqdm.write(f"stage 2: {len(candidates)} model(s): {', '.join(c.name for c in candidates)}")
     fresh_since = started if args.fresh else None
     todo = []
@@ -597,7 +428,7 @@ def run(args, ds=None) -> list:
     if todo:
         if ds is None:
             ds = load_cifar10(args.data_dir, download=not args.no_download)
-        splits = train_val_splits(ds, subset_ratio=1.0, device=device)
+        splits = train_val_splits(ds, subset_ratio=args.subset, device=device)
     for c in todo:
         run_dir = run_dirs[c.name]
         holder = take_claim(run_dir)
@@ -627,6 +458,9 @@ def main(argv=None, ds=None):
     args = parse_args(argv)
     try:
         run(args, ds)
+    except StoppedForTime as e:
+        print(f"{e}; continue with: {continue_command('stage2_final.py', argv, redact_url)}", file=sys.stderr)
+        sys.exit(EXIT_TIME_LIMIT)
     except (DataError, StorageError, ResultsError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a full disk, or a results folder that stopped being writable mid-run

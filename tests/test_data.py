@@ -35,10 +35,14 @@ def test_missing_folder_without_download_names_the_flag(tmp_path):
         load_cifar10(str(tmp_path), download=False)
 
 
-def test_failed_download_says_so_and_names_the_flag(tmp_path, monkeypatch):
+def test_failed_download_says_so_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # nothing listens there
-    with pytest.raises(DataError, match="could not download.*--data-dir"):
+    with pytest.raises(DataError, match="no CIFAR-10 at .*, and downloading it from .* failed .* check --data-dir"):
         load_cifar10(str(tmp_path), download=True)
+    typo = tmp_path / "dta"  # a mistyped --data-dir: the failed download must not leave it behind
+    with pytest.raises(DataError, match=f"no CIFAR-10 at {typo}/cifar-10-batches-py, and downloading"):
+        load_cifar10(str(typo), download=True)
+    assert not typo.exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "garbage"])

@@ -14,7 +14,8 @@ import evaluate
 from augment import eval_transform
 from conftest import synthetic_splits
 from data import CIFAR10, DataError
-from evaluate import evaluate_checkpoint, load_checkpoint, resolve_device
+from cli import resolve_device
+from evaluate import evaluate_checkpoint, load_checkpoint
 from train import TrainConfig, Trainer
 from vit import ViT
 

@@ -2,16 +2,21 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
+import cli
 import stage1_search
+import workers
 from conftest import synthetic_splits
-from stage1_search import make_storage, make_study, parse_args, run, suggest_config
-from train import TrainConfig
+from stage1_search import parse_args, run, suggest_config
+from train import TrainConfig, Trainer
+from workers import make_storage, make_study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,13 +29,17 @@ def small_args(tmp_path, *extra):
     return parse_args(["--results", str(tmp_path), "--epochs", "2", "--patience", "2", "--heartbeat", "5", *extra])
 
 
-def test_jobs_runs_trials_side_by_side_in_threads(tmp_path):
+def test_jobs_runs_trials_side_by_side_in_worker_processes(tmp_path):
     run(small_args(tmp_path, "--trials", "4", "--jobs", "2"), splits=tiny_splits())
     trials = optuna.load_study(study_name="vit-cifar10", storage=f"sqlite:///{tmp_path / 'stage1.db'}").trials
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert all(t.state == TrialState.COMPLETE and len(t.user_attrs["history"]) >= 1 for t in trials)
     starts, ends = sorted(t.datetime_start for t in trials), sorted(t.datetime_complete for t in trials)
     assert starts[1] < ends[0]  # the second trial started before the first one finished
+    pids = {t.user_attrs["pid"] for t in trials}
+    assert len(pids) == 2 and os.getpid() not in pids  # two processes of their own, not threads of this one
+    # Started together, the workers still proposed different configurations (a sampler seed each).
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 4
     top = json.loads((tmp_path / "stage1" / "top3.json").read_text())
     assert len(top) == 3
 
@@ -43,6 +52,61 @@ def test_total_stops_at_that_many_finished_trials_and_the_same_command_then_adds
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3  # two threads, not one trial too many
     assert len(run(small_args(tmp_path, "--total", "3", "--epochs", "1"), splits=tiny_splits()).trials) == 3
     assert len(run(small_args(tmp_path, "--total", "4", "--epochs", "1"), splits=tiny_splits()).trials) == 4
+
+
+def test_a_study_cut_mid_trial_by_the_time_limit_and_continued_reaches_its_total(tmp_path, capsys, monkeypatch):
+    """--time-limit for real: 2 trials of 4 epochs, each over 1.5 s, cannot fit in 5 s; each run stops between
+    epochs, the cut trial is queued again, and the next run goes on from its checkpoint."""
+    seen, real = [], Trainer.train_epoch
+
+    def slow(self):
+        time.sleep(1.5)
+        seen.append((self.cfg.lr, self.epoch + 1))
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", slow)
+    suggest = stage1_search.suggest_config  # the cheapest shape: an epoch must fit in the limit
+    monkeypatch.setattr(stage1_search, "suggest_config",
+                        lambda trial, base: replace(suggest(trial, base), patch_size=4, embed_dim=128, depth=4))
+    codes = []
+    for _ in range(12):
+        args = small_args(tmp_path, "--trials", "2", "--epochs", "4", "--patience", "4", "--time-limit", "5")
+        args.argv = ["--trials", "2", "--time-limit", "5"]
+        codes.append(stage1_search._run_main(args, tiny_splits()))
+        if codes[-1] == 0:
+            break
+    assert codes[0] == cli.EXIT_TIME_LIMIT and set(codes[:-1]) == {cli.EXIT_TIME_LIMIT} and codes[-1] == 0, codes
+    assert "continue with: python stage1_search.py --trials 2 --time-limit 5" in capsys.readouterr().err
+    assert sorted(seen) == sorted({(lr, epoch) for lr, epoch in seen}) and len(seen) == 8  # no epoch twice
+    study = optuna.load_study(study_name="vit-cifar10", storage=f"sqlite:///{tmp_path / 'stage1.db'}")
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    cut = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(done) == 2 and len(cut) >= 1 and len(study.trials) == len(done) + len(cut)  # none left waiting
+    assert all(t.user_attrs.get("stopped_for_time") and "failure" not in t.user_attrs for t in cut)
+    for t in done:  # each configuration trained epochs 1 to 4 once, over its cuts
+        assert [r["epoch"] for r in t.user_attrs["history"]] == [1, 2, 3, 4]
+        assert all(study.trials[n].params == t.params for n in t.user_attrs.get("retry_history", []))
+    assert sum(len(t.user_attrs.get("retry_history", [])) for t in done) == len(cut)
+    assert done[0].params != done[1].params
+    summary = (tmp_path / "stage1" / "summary.md").read_text()
+    assert summary.count("stopped for the time limit after epoch") == len(cut)
+
+
+def test_a_trial_out_of_memory_fails_with_its_reason_and_the_study_goes_on(tmp_path, monkeypatch):
+    real = Trainer.train_epoch
+
+    def out_of_memory_in_the_first_trial(self):
+        if not getattr(out_of_memory_in_the_first_trial, "done", False):
+            out_of_memory_in_the_first_trial.done = True
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", out_of_memory_in_the_first_trial)
+    study = run(small_args(tmp_path, "--trials", "2", "--epochs", "1"), splits=tiny_splits())
+    first, second = study.trials
+    assert first.state == TrialState.FAIL and first.user_attrs["failure"].startswith("out of cpu memory (CUDA out of")
+    assert second.state == TrialState.COMPLETE
+    assert "out of cpu memory" in (tmp_path / "stage1" / "summary.md").read_text()
 
 
 def test_search_space_is_the_seeds():
@@ -139,10 +203,11 @@ def test_recipe_flags_reach_every_trial(tmp_path):
     assert bad.returncode == 2 and "pool must be 'cls' or 'mean'" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_resuming_adds_trials_to_the_same_study(tmp_path):
+def test_resuming_continues_the_same_study_to_its_total(tmp_path):
     run(small_args(tmp_path, "--trials", "1", "--epochs", "1"), splits=tiny_splits())
     study = run(small_args(tmp_path, "--trials", "2", "--epochs", "1"), splits=tiny_splits())
-    assert [t.number for t in study.trials] == [0, 1, 2]
+    assert [t.number for t in study.trials] == [0, 1]  # --trials is the study's total, not trials to add
+    assert len(run(small_args(tmp_path, "--trials", "2", "--epochs", "1"), splits=tiny_splits()).trials) == 2
     # the resumed sampler must not replay the first run's start-up proposal
     assert study.trials[1].params != study.trials[0].params
 
@@ -187,24 +252,26 @@ def test_a_trial_of_a_dead_journal_worker_is_failed_and_retried(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     trial = study.ask()
     suggest_config(trial, TrainConfig())
-    for key, value in stage1_search.process_identity(int(dead.stdout)).items():
+    for key, value in workers.process_identity(int(dead.stdout)).items():
         trial.set_user_attr(key, value)
-    stage1_search.fail_dead_local_trials(study)
+    workers.fail_dead_local_trials(study)
     trials = study.get_trials()
     assert trials[0].state == TrialState.FAIL
     assert trials[1].state == TrialState.WAITING and trials[1].system_attrs["fixed_params"] == trials[0].params
     assert trials[1].user_attrs["retry_of"] == 0
 
 
-def test_cli_rejects_bad_flags_and_missing_data_with_one_line(tmp_path):
+def test_cli_rejects_bad_flags_and_missing_data_with_one_line(tmp_path, fake_cifar_dir):
     bad = subprocess.run([sys.executable, "stage1_search.py", "--subset", "1.5"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--subset must be in (0, 1]" in bad.stderr
     missing = subprocess.run([sys.executable, "stage1_search.py", "--no-download", "--data-dir", str(tmp_path),
                               "--results", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().count("\n") == 0 and "--data-dir" in missing.stderr
-    bad_storage = subprocess.run([sys.executable, "stage1_search.py", "--storage", "bogus://nowhere"], cwd=ROOT,
-                                 capture_output=True, text=True)
+    assert f"no CIFAR-10 at {tmp_path}/cifar-10-batches-py" in missing.stderr
+    assert not (tmp_path / "stage1.db").exists()  # the data is looked for before the study is created
+    bad_storage = subprocess.run([sys.executable, "stage1_search.py", "--storage", "bogus://nowhere", "--data-dir",
+                                  fake_cifar_dir, "--results", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert bad_storage.returncode == 1 and "Traceback" not in bad_storage.stderr
     assert "cannot open Optuna storage 'bogus://nowhere'" in bad_storage.stderr
     help_text = subprocess.run([sys.executable, "stage1_search.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout

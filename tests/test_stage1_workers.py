@@ -23,7 +23,8 @@ import pytest
 from optuna.trial import TrialState
 
 import stage1_search
-from stage1_search import make_storage
+import workers
+from workers import make_storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -161,7 +162,8 @@ def test_four_workers_started_at_once_on_a_new_storage(tmp_path, worker, storage
     barrier = str(tmp_path / "go")
     with open(barrier, "w") as gate:
         fcntl.flock(gate, fcntl.LOCK_EX)
-        procs = [worker("--storage", storage_url, "--trials", "1", "--epochs", "1", "--seed", str(seed),
+        # --trials is the study's total: 4 in all, one each, as the four ask at the same moment
+        procs = [worker("--storage", storage_url, "--trials", "4", "--epochs", "1", "--seed", str(seed),
                         env={"START_BARRIER": barrier}) for seed in range(4)]
         deadline = time.time() + 120
         while len(glob.glob(barrier + ".*")) < 4:  # all four have imported torch and wait at the gate
@@ -181,13 +183,13 @@ def test_four_workers_started_at_once_on_a_new_storage(tmp_path, worker, storage
 RACER = textwrap.dedent("""
     import fcntl, os, sys
     sys.path.insert(0, {root!r})
-    import stage1_search
+    import workers
     gate, urls = sys.argv[1], sys.argv[2:]
     for i, url in enumerate(urls):
         open(f"{{gate}}.{{i}}.{{os.getpid()}}", "w").close()
         with open(f"{{gate}}.{{i}}") as f:
             fcntl.flock(f, fcntl.LOCK_SH)
-        stage1_search.make_study(stage1_search.make_storage(url, heartbeat=5), "vit-cifar10", seed=0)
+        workers.make_study(workers.make_storage(url, heartbeat=5), "vit-cifar10", seed=0)
 """)
 
 
@@ -266,7 +268,7 @@ def test_a_silent_worker_of_another_machine_is_taken_over_through_the_heartbeat(
     assert trials[1].params == trials[0].params and trials[1].user_attrs["resumed_from"] == {"trial": 0, "epoch": 1}
 
 
-def test_bad_input_ends_in_one_line_without_a_traceback(tmp_path, capsys):
+def test_bad_input_ends_in_one_line_without_a_traceback(tmp_path, capsys, fake_cifar_dir):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     cases = {  # flags: what stderr must say
@@ -276,7 +278,7 @@ def test_bad_input_ends_in_one_line_without_a_traceback(tmp_path, capsys):
         ("--epochs", "0"): "--epochs must be positive, got 0",
         ("--total", "0"): "--total must be positive, got 0",
         ("--trials", "3", "--total", "3"): "argument --total: not allowed with argument --trials",
-        ("--device", "tpu9"): "--device 'tpu9' is not a device",
+        ("--device", "tpu9"): "cannot use device 'tpu9': not a device name; use auto, cpu, cuda, cuda:N or mps",
         ("--storage", "postgresql://u:secret@127.0.0.1:1/db"): "cannot open Optuna storage 'postgresql://u:***@127.0.0.1:1/db'",
         ("--storage", "postgresql://u:secret@127.0.0.1:notaport/db"): "cannot open Optuna storage 'postgresql://u:***@",
         ("--storage", "nosuchdriver://u:secret@host/db"): "cannot open Optuna storage 'nosuchdriver://u:***@host/db'",
@@ -285,8 +287,9 @@ def test_bad_input_ends_in_one_line_without_a_traceback(tmp_path, capsys):
     import torch
 
     if not torch.cuda.is_available():
-        cases[("--device", "cuda")] = "--device cuda: torch"
-    common = ["--no-download", "--data-dir", str(tmp_path / "no_data"), "--results", str(tmp_path / "r")]
+        cases[("--device", "cuda")] = "cannot use device 'cuda': torch finds no CUDA GPU on this machine"
+    # Data that is there (it is looked for before the storage is opened), never read: every case stops first.
+    common = ["--no-download", "--data-dir", fake_cifar_dir, "--results", str(tmp_path / "r")]
     # Three as real command lines, one of each kind of check; the rest through main() in this process.
     in_subprocesses = [("--subset", "0"), ("--storage", "postgresql://u:secret@127.0.0.1:1/db"),
                        ("--results", str(a_file / "results"))]
@@ -363,17 +366,17 @@ def test_ctrl_c_marks_the_running_trial_failed_and_keeps_the_finished_ones(tmp_p
 
 def test_a_worker_is_dead_when_its_pid_is_gone_a_zombie_or_another_process():
     alive = subprocess.Popen(["sleep", "60"])
-    identity = stage1_search.process_identity(alive.pid)
-    assert not stage1_search.is_dead_local_worker(identity)
-    assert not stage1_search.is_dead_local_worker({**identity, "host": "machine-b"})  # another machine's: the heartbeat's
+    identity = workers.process_identity(alive.pid)
+    assert not workers.is_dead_local_worker(identity)
+    assert not workers.is_dead_local_worker({**identity, "host": "machine-b"})  # another machine's: the heartbeat's
     # The same pid with another start time: the pid was recycled for a new process after the worker died.
-    assert stage1_search.is_dead_local_worker({**identity, "pid_start": str(int(identity["pid_start"]) - 1)})
+    assert workers.is_dead_local_worker({**identity, "pid_start": str(int(identity["pid_start"]) - 1)})
     alive.kill()
-    while stage1_search._proc_stat(alive.pid)[0] != "Z":  # killed, not reaped yet: a zombie
+    while workers._proc_stat(alive.pid)[0] != "Z":  # killed, not reaped yet: a zombie
         time.sleep(0.01)
-    assert stage1_search.is_dead_local_worker(identity)
+    assert workers.is_dead_local_worker(identity)
     alive.wait()
-    assert stage1_search.is_dead_local_worker(identity)
+    assert workers.is_dead_local_worker(identity)
 
 
 LR = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}
@@ -382,7 +385,7 @@ LR = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}
 def died_in(trial):
     """Record a worker of this machine that has exited as the trial's."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    for key, value in stage1_search.process_identity(int(dead.stdout)).items():
+    for key, value in workers.process_identity(int(dead.stdout)).items():
         trial.set_user_attr(key, value)
     return trial
 
@@ -390,24 +393,24 @@ def died_in(trial):
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() outside optimize(), on purpose
 def test_a_dead_trial_failed_by_both_the_heartbeat_and_the_local_check_is_retried_once(tmp_path):
     url = f"sqlite:///{tmp_path}/stage1.db"
-    study = stage1_search.make_study(make_storage(url, heartbeat=5), "vit-cifar10", seed=0)
+    study = workers.make_study(make_storage(url, heartbeat=5), "vit-cifar10", seed=0)
     trial = died_in(study.ask(LR))
     # Both noticed the death at the same moment and both set FAIL; each then asks for a retry.
     study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     frozen = study.trials[0]
-    stage1_search.RequeueStaleTrial(stage1_search.StudyLock(url))(study, frozen)
-    stage1_search.requeue(study, frozen)
+    workers.RequeueStaleTrial(workers.StudyLock(url))(study, frozen)
+    workers.requeue(study, frozen)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
     assert study.trials[1].user_attrs["retry_history"] == [0]
 
 
 def test_a_configuration_that_keeps_killing_its_worker_is_given_up_after_max_retries(tmp_path):
-    study = stage1_search.make_study(make_storage(str(tmp_path / "stage1.journal"), heartbeat=5), "vit-cifar10", 0)
+    study = workers.make_study(make_storage(str(tmp_path / "stage1.journal"), heartbeat=5), "vit-cifar10", 0)
     trial = died_in(study.ask(LR))
-    for attempt in range(stage1_search.MAX_RETRIES):
-        assert stage1_search.fail_dead_local_trials(study) == [trial.number]
+    for attempt in range(workers.MAX_RETRIES):
+        assert workers.fail_dead_local_trials(study) == [trial.number]
         trial = died_in(study.ask(LR))  # a worker takes the retry over and dies in it too
         assert trial.params == study.trials[0].params
         assert trial.user_attrs["retry_history"] == list(range(attempt + 1))
-    assert stage1_search.fail_dead_local_trials(study) == [trial.number]
-    assert [t.state for t in study.trials] == [TrialState.FAIL] * (stage1_search.MAX_RETRIES + 1)  # none queued
+    assert workers.fail_dead_local_trials(study) == [trial.number]
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * (workers.MAX_RETRIES + 1)  # none queued

@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -10,12 +11,14 @@ import torch
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+import cli
 import stage2_final
 import train
 from conftest import synthetic_cifar
 from data import DataError, train_val_splits
 from report import TensorBoardLogger
-from stage1_search import StorageError, make_storage, write_reports
+from stage1_search import write_reports
+from workers import StorageError, make_storage
 from stage2_final import parse_args, run
 from train import TrainConfig, Trainer
 
@@ -173,6 +176,88 @@ def test_an_interrupted_run_resumes_at_the_next_epoch_and_ends_as_an_uninterrupt
     assert resumed[0]["test_acc"] == full[0]["test_acc"] and resumed[0]["f1"] == full[0]["f1"]
 
 
+def slow_epochs(monkeypatch, seconds=1.0):
+    """Every epoch takes at least `seconds` more (a sleep before it trains); records (params, epoch) of each."""
+    seen, real = [], Trainer.train_epoch
+
+    def slow(self):
+        time.sleep(seconds)
+        seen.append((self.cfg.lr, self.cfg.batch_size, self.cfg.patch_size, self.epoch + 1))
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", slow)
+    return seen
+
+
+def test_a_run_cut_by_the_time_limit_and_continued_equals_an_uninterrupted_one(tmp_path, ds, capsys, monkeypatch):
+    """--time-limit for real: 4 epochs of over 1 s each cannot fit in 3.5 s, so the first run stops after
+    the last epoch that fits and says how to continue; that command, run again until it finishes, gives
+    the uninterrupted run's history, weights and test metrics, and no epoch trains twice."""
+    path = config_file(tmp_path / "c.json", {**TINY, "mixup_alpha": 0.1, "drop_path": 0.1, "randaug_ops": 2})
+    argv = lambda where, *extra: ["--results", str(tmp_path / where), "--device", "cpu", "--epochs", "4",  # noqa: E731
+                                  "--patience", "4", "--config", path, *extra]
+    stage2_final.main(argv("full"), ds=ds)
+    seen = slow_epochs(monkeypatch)
+    codes = []
+    for _ in range(5):
+        try:
+            stage2_final.main(argv("cut", "--time-limit", "3.5"), ds=ds)
+            codes.append(0)
+            break
+        except SystemExit as e:
+            codes.append(e.code)
+    assert codes[0] == cli.EXIT_TIME_LIMIT and set(codes[:-1]) == {cli.EXIT_TIME_LIMIT} and codes[-1] == 0, codes
+    assert [epoch for *_, epoch in seen] == [1, 2, 3, 4]  # each epoch once, across the runs
+    err = capsys.readouterr().err
+    assert re.search(r"config_0 stopped for the time limit after epoch [123] of 4 \(best val acc [\d.]+ % at "
+                     r"epoch [123]\); its last.pt holds everything a resume needs; continue with: "
+                     + re.escape(f"python stage2_final.py {' '.join(argv('cut', '--time-limit', '3.5'))}"), err), err
+    full, cut = (tmp_path / where / "stage2" / "config_0" for where in ("full", "cut"))
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (full, cut))
+    keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "is_best")
+    assert [{k: r[k] for k in keys} for r in a["history"]] == [{k: r[k] for k in keys} for r in b["history"]]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    metrics = [json.loads((d / "test_metrics.json").read_text()) for d in (full, cut)]
+    for key in ("accuracy", "macro", "per_class", "epoch", "val_acc"):
+        assert metrics[0][key] == metrics[1][key]
+    assert (cut / "done.json").exists() and (tmp_path / "cut" / "stage2" / "report.md").exists()
+
+
+def test_a_time_limit_shorter_than_an_epoch_says_so_instead_of_stopping_forever(tmp_path, ds, capsys):
+    path = config_file(tmp_path / "c.json", TINY)
+    argv = ["--results", str(tmp_path), "--device", "cpu", "--epochs", "3", "--config", path, "--time-limit", "0.01"]
+    for _ in range(2):  # the first run trains the one epoch it cannot judge; the second knows it cannot fit one
+        with pytest.raises(SystemExit) as e:
+            stage2_final.main(argv, ds=ds)
+        assert e.value.code == cli.EXIT_TIME_LIMIT
+    err = capsys.readouterr().err.splitlines()
+    assert "stopped for the time limit after epoch 1 of 3" in err[0]
+    assert "config_0: not one epoch fits in the time limit (the last took" in err[1] and "give a longer" in err[1]
+    assert torch.load(tmp_path / "stage2" / "config_0" / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_report_only_on_an_unfinished_model_says_how_far_it_got_in_its_own_schedule(tmp_path, ds):
+    path = config_file(tmp_path / "c.json", TINY)
+    common = ["--results", str(tmp_path), "--device", "cpu", "--config", path]
+    with pytest.raises(SystemExit):  # one epoch of 3, then cut by the time limit
+        stage2_final.main([*common, "--epochs", "3", "--time-limit", "0.01"], ds=ds)
+    stage2_final.main([*common, "--report-only"], ds=ds)  # without --epochs: the default 120
+    report = (tmp_path / "stage2" / "report.md").read_text()
+    assert "not finished yet (1 of 3 epochs in last.pt)" in report and "1 of 3" in report
+    assert "none is tested yet" in report and "0 test images" not in report
+    assert "curves.png" not in report  # the model has none yet: no broken link
+
+
+def test_a_time_limit_is_a_duration(tmp_path, capsys):
+    assert args_for(tmp_path, "--config", "c.json", "--time-limit", "2h40m").time_limit == 9600
+    assert args_for(tmp_path, "--config", "c.json", "--time-limit", "5400").time_limit == 5400
+    for bad in ("soon", "0", "2x"):
+        with pytest.raises(SystemExit) as e:
+            args_for(tmp_path, "--config", "c.json", "--time-limit", bad)
+        assert e.value.code == 2
+    assert capsys.readouterr().err.count("--time-limit") == 3
+
+
 def test_a_changed_config_is_not_resumed_silently_and_fresh_starts_over(tmp_path, ds):
     run(args_for(tmp_path, "--config", config_file(tmp_path / "a.json", TINY), "--epochs", "1"), ds=ds)
     changed = config_file(tmp_path / "b.json", {**TINY, "lr": 1e-3})
@@ -226,6 +311,8 @@ def test_trials_are_picked_by_number(tmp_path, capsys):
     ('{"patch_size": 8, "embed_dim": 32, "num_heads": 3}', "configuration 0: embed_dim 32 is not divisible"),
     ('[{"patch_size": 8}, {"patch_size": 5}]', "configuration 1: image_size 32 is not divisible by patch_size 5"),
     ('{"patch_size": 8, "batch_size": 0}', "configuration 0: batch_size must be positive"),
+    # a file's schedule would be overridden by the flags without a word: refused, naming the flag
+    ('{"patch_size": 8, "epochs": 5, "subset_ratio": 0.1}', "epochs, subset_ratio is set by --epochs, --subset"),
     ("[]", "non-empty list"),
     ("{not json", "not valid JSON"),
     (None, "cannot read --config"),
@@ -299,7 +386,8 @@ def test_bad_command_lines_and_configurations_stop_in_one_line_and_write_nothing
     (tmp_path / "a_file").write_text("")
     cases = {  # flags: (exit code, the start of stderr's one line)
         ("--epochs", "0"): (2, "stage2_final.py: error: --epochs must be positive, got 0 (see --help)"),
-        ("--device", "tpu"): (1, "error: cannot use device 'tpu': Expected one of cpu, cuda"),
+        ("--device", "tpu"): (1, "error: cannot use device 'tpu': not a device name; use auto, cpu, cuda, cuda:N or "
+                                 "mps"),
         ("--study-name", "nope"): (1, f"error: no study 'nope' in sqlite:///{tmp_path}/stage1.db (it holds: "
                                       "'vit-cifar10'); pass --study-name"),
         ("--config", bad): (1, f"error: --config {bad}, configuration 0: image_size 32 is not divisible by "

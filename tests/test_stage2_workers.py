@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from data import DataError
-from stage1_search import process_identity
-from stage2_final import parse_args, release_claim, run, take_claim
+from workers import process_identity
+from stage2_final import parse_args, run
+from workers import release_claim, take_claim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "synthetic_stage2.py")
 TINY = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, batch_size=64, warmup_epochs=1, lr=3e-3)
-TIMINGS = ("epoch_time", "train_img_s")  # the only parts of an epoch's record that may differ between runs
+TIMINGS = ("epoch_time", "train_img_s", "epoch_s")  # the only parts of an epoch's record that may differ between runs
 EPOCH_LINE = re.compile(r"^(\S+) epoch +(\d+)/\d+:", re.M)
 
 
@@ -72,7 +73,7 @@ def without_timings(history):
 SAVER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from stage2_final import save_checkpoint
+from checkpoint import save_checkpoint
 for step in range(10**6):  # a 32 MB checkpoint, again and again: most of the time one is being written
     save_checkpoint({{"step": step, "weights": torch.full((8 * 2**20,), float(step))}}, sys.argv[1])
 """
@@ -118,7 +119,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(t
 HOLDER = """
 import sys
 sys.path.insert(0, {root!r})
-from stage2_final import take_claim
+from workers import take_claim
 print(take_claim(sys.argv[1]), flush=True)
 sys.stdin.read()  # hold the claim until killed
 """

@@ -1,0 +1,104 @@
+"""Checkpoints, for every script alike: written whole, loaded safely, checked before a run resumes.
+
+A checkpoint is Trainer.state_dict() (model, optimizer, scheduler, epoch, history, early stopping,
+random generators, loss scaler) or an exported model file (evaluate.py --export: the model and its
+configuration alone). Loading never runs pickled code (weights_only=True), and a file that is not a
+checkpoint, is truncated or carries code is refused in one line (DataError).
+"""
+
+import io
+import os
+import pickle
+import re
+import warnings
+
+import torch
+
+from data import DataError
+from report import write_bytes
+
+# What a folder stands for, in this order: training's own checkpoint, else an exported model file.
+FOLDER_CHECKPOINTS = ("best.pt", "model.pt")
+# How every file torch.save writes begins: a zip archive, or (the legacy format) a pickle of protocol 2 or later.
+TORCH_FILE_HEADS = (b"PK\x03\x04", b"\x80")
+# What a last.pt must hold to be resumed; one written by an older version of this code may lack some.
+RESUME_KEYS = {"config", "model", "optimizer", "scheduler", "epoch", "history", "early_stopping", "rng"}
+
+
+def save_checkpoint(state: dict, path: str):
+    # Serialised in memory, then written whole through a temporary file (write_bytes): a kill or a
+    # full disk mid-write keeps the checkpoint a resume needs, and a full disk raises a plain OSError,
+    # which torch's own file writer turns into an opaque RuntimeError.
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes(path, buf.getbuffer())
+
+
+def checkpoint_file(path: str) -> str:
+    """`path` itself, or for a run folder its best.pt (else its model.pt)."""
+    if not os.path.isdir(path):
+        return path
+    for name in FOLDER_CHECKPOINTS:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise DataError(f"{path} is a folder with neither best.pt nor model.pt in it; pass the checkpoint file itself "
+                    f"(a stage-1 trial keeps last.pt)")
+
+
+def load_checkpoint(path: str, device="cpu") -> dict:
+    """A checkpoint written by Trainer.state_dict() (or by export_model), loaded without executing any pickled code.
+
+    A run folder stands for its best.pt (see checkpoint_file)."""
+    path = checkpoint_file(path)
+    if not os.path.isfile(path):
+        raise DataError(f"no checkpoint at {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # A JSON or text file fails torch's safe loader too, but as an unknown opcode, which on its own reads like a
+    # pickle that was refused; its first bytes tell the two apart.
+    foreign = DataError(f"{path} is not a checkpoint: " + ("it is empty" if not head else
+                        f"PyTorch files begin as a zip archive or a pickle, this one with {head!r}"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols before refusing them
+            state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's safe loader stops at the first thing that is not tensors or plain data: a class or
+        # function (how a pickle runs code) or an opcode it does not allow. Its own message suggests
+        # weights_only=False, the one thing not to do with such a file, so it is not passed on.
+        found = re.search(r"GLOBAL (\S+)|(Unsupported operand \d+)", str(e))
+        if not head.startswith(TORCH_FILE_HEADS) and not (found and found.group(1)):
+            raise foreign from None  # a pickle naming a global is refused below whatever its first bytes
+        what = f" (first offender: {found.group(1) or found.group(2)})" if found else ""
+        raise DataError(f"refusing to load {path}: it holds more than tensors and plain data{what}, and loading "
+                        f"it fully could run code; checkpoints of this project never do") from None
+    except Exception as e:  # truncated zips, foreign files: all mean the same to the user
+        if not head.startswith(TORCH_FILE_HEADS):
+            raise foreign from None
+        raise DataError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); "
+                        f"it may be truncated") from None
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+        raise DataError(f"{path} is not a checkpoint of this project (no 'model' and 'config' entries)")
+    return state
+
+
+def load_into(trainer, path: str, again: str, other_config=None):
+    """Load the checkpoint at `path` into `trainer` to continue its run, or raise a DataError that says why
+    it cannot be continued and what to do (`again`). other_config() makes the error for a checkpoint of
+    another configuration (default: a DataError of its own)."""
+    state = load_checkpoint(path)  # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
+    missing = sorted(RESUME_KEYS - state.keys())
+    if missing:
+        raise DataError(f"{path} comes from an older, incompatible version of this code (no {', '.join(missing)}); "
+                        f"{again}")
+    expected = trainer.cfg.to_dict()
+    if not isinstance(state["config"], dict) or state["config"].keys() != expected.keys():
+        raise DataError(f"{path} comes from an older, incompatible version of this code (its configuration has "
+                        f"other keys); {again}")
+    if state["config"] != expected:
+        raise other_config() if other_config else DataError(f"{path} was trained with another configuration; {again}")
+    try:
+        trainer.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise DataError(f"{path} does not fit this code's model or optimizer ({str(e).splitlines()[0]}); "
+                        f"{again}") from None

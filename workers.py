@@ -1,0 +1,397 @@
+"""The machinery that lets many workers share the work of both stages, and survive each other's deaths.
+
+Stage 1's workers share an Optuna storage: opening it (and redacting its password wherever it is
+shown), the lock that serialises what two workers must not do at once (create the schema, fail a
+dead worker's trial and queue it again, start the last trial of a total), telling a dead worker of
+this machine from a live one, and the exact total. Stage 2's workers share a results folder: each
+model is trained by the one worker holding its claim file. Neither stage's own logic lives here.
+
+Written here rather than taken from a library where the library falls short:
+- process identity and liveness: psutil's create_time drifts with the wall clock, so a recycled
+  pid could pass for the dead worker; /proc's start time in clock ticks since boot does not;
+- the locked exact total: Optuna's MaxTrialsCallback overshoots by up to one trial per worker;
+- the takeover of a dead local worker's trial: JournalStorage has no heartbeat.
+"""
+
+import contextlib
+import json
+import os
+import random
+import re
+import socket
+import tempfile
+import time
+import warnings
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the retry in _make_storage still covers the race
+    fcntl = None
+
+import optuna
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from data import DataError
+
+
+# ----------------------------------------------------------------------------- storage and study
+
+
+class StorageError(RuntimeError):
+    """The Optuna storage cannot be opened; the message says which and why."""
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password shown as ***: postgresql://user:***@host/db. Use it wherever a URL is shown."""
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", str(url))
+
+
+def storage_error(url: str, e: Exception) -> StorageError:
+    first_line = (str(e).splitlines() or [""])[0]  # drivers add pages of SQL and links below it
+    if "://" in url:  # drivers may quote the URL, password included
+        first_line = first_line.replace(url, redact_url(url))
+        password = re.match(r"[^:]+://[^/@:]*:([^/@]*)@", url)
+        if password and password.group(1):
+            first_line = first_line.replace(password.group(1), "***")
+    return StorageError(f"cannot open Optuna storage {redact_url(url)!r}: {type(e).__name__}: {first_line}")
+
+
+def make_storage(url: str, heartbeat: int):
+    """An RDB URL (sqlite:///, postgresql://, mysql://) or a path to a journal file.
+
+    A trial whose worker died is failed and queued again (at most MAX_RETRIES times), and the retry
+    continues from the dead trial's last checkpoint: `fail_dead_local_trials` finds dead processes
+    of this machine on any storage; on RDB storages Optuna's heartbeat also catches workers of other
+    machines that stopped beating for 3 intervals.
+    Any failure (a bad URL, a missing driver, an unreachable server, a foreign file) is a StorageError.
+    """
+    try:
+        return _make_storage(url, heartbeat)
+    except Exception as e:
+        raise storage_error(url, e) from None
+
+
+# Raised by workers that create Optuna's schema at the same moment; the loser's retry finds it made.
+SCHEMA_RACE = ("already exists", "duplicate", "unique constraint", "database is locked")
+
+
+def _make_storage(url: str, heartbeat: int):
+    if "://" not in url:
+        from optuna.storages.journal import JournalFileBackend
+
+        os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    engine_kwargs = {}
+    if url.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(os.path.abspath(url[len("sqlite:///"):])), exist_ok=True)
+        # Several workers on one SQLite file: wait for a lock instead of failing with "database is locked".
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    lock = StudyLock(url)
+    for attempt in range(8):
+        try:
+            with lock.local():  # one local worker at a time creates the tables
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                        heartbeat_stale_trial_callback=RequeueStaleTrial(lock),
+                    )
+        except Exception as e:  # workers on other machines cannot share a file lock: retry the race
+            if attempt == 7 or not any(m in str(e).lower() for m in SCHEMA_RACE):
+                raise
+            time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
+
+
+class StudyLock:
+    """Serialises what two workers must not do at once: fail a dead worker's trial and queue it
+    again (twice would run it twice), and with --total, decide that one more trial is due.
+
+    All workers of an SQLite or journal file share one machine, so a file lock beside it does; on
+    PostgreSQL an advisory lock spans machines. Other servers get no lock: there two workers may
+    each start the last trial of a --total.
+    """
+
+    def __init__(self, url: str):
+        self.path = None
+        if url.startswith("sqlite:///"):
+            self.path = os.path.abspath(url[len("sqlite:///"):]) + ".workers.lock"
+        elif "://" not in url:  # not .lock: Optuna's journal backend uses that name for its own lock
+            self.path = os.path.abspath(url) + ".workers.lock"
+        self.engine = None
+        if url.startswith(("postgresql", "postgres://")):
+            import sqlalchemy
+
+            # A connection of its own per lock, closed after: the lock dies with a killed worker.
+            self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.engine is None:
+            with self.local():
+                yield
+            return
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(hashtext('vit-stage1-workers'))"))
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(hashtext('vit-stage1-workers'))"))
+
+    def local(self):
+        """The file lock alone (a no-op for servers): enough to keep local workers apart."""
+        return file_lock(self.path)
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """An exclusive advisory lock on `path` (created if missing); no-op for None or without fcntl.
+    Each call opens the file anew, so two threads of one process exclude each other too."""
+    if path is None or fcntl is None:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def make_study(storage, study_name: str, seed: int, worker: int = 0) -> optuna.Study:
+    study = optuna.create_study(
+        study_name=study_name, storage=storage, direction="maximize", load_if_exists=True,
+        # Prune only against 5 finished trials, and not before epoch 5: warmup takes 2,
+        # and slow starters (SGD, small lr) are often the ones that end best.
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5),
+    )
+    # 10 random trials (a quarter of the default 40) give TPE a spread to model before it exploits;
+    # constant_liar keeps parallel workers from proposing the same configuration. The seed moves
+    # with the study's length, so a resumed run does not replay the first run's proposals, and with
+    # the worker's index, so that --jobs' workers, started together, do not propose the same ones.
+    study.sampler = optuna.samplers.TPESampler(
+        seed=seed + len(study.trials) + 100_003 * worker, n_startup_trials=10, multivariate=True, constant_liar=True
+    )
+    return study
+
+
+# ----------------------------------------------------------------------------- workers that die
+
+
+MAX_RETRIES = 2  # a configuration that kills its worker every time (out of memory) is given up after this
+
+
+def process_identity(pid: int | None = None) -> dict:
+    """What a trial records about its worker, so that a later worker can tell whether it still runs:
+    host, pid, and on Linux the pid's start time (a recycled pid has another) and pid namespace
+    (two containers may share a host name but not their pids)."""
+    pid = os.getpid() if pid is None else pid
+    return {"host": socket.gethostname(), "pid": pid, "pid_start": _proc_stat(pid)[1], "pid_ns": _pid_namespace()}
+
+
+def _proc_stat(pid: int) -> tuple:
+    """(state, start time in clock ticks since boot) from /proc; (None, None) without /proc;
+    ("gone", None) for no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return fields[0], fields[19]  # fields 3 and 22 of proc(5)
+    except FileNotFoundError:
+        return ("gone", None) if os.path.isdir("/proc/self") else (None, None)
+    except (OSError, IndexError):
+        return None, None
+
+
+def _pid_namespace():
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def is_dead_local_worker(attrs: dict) -> bool:
+    """True when the trial's worker ran on this machine and no longer does; trials of other
+    machines (or other pid namespaces) are never judged here: the heartbeat covers those."""
+    if attrs.get("host") != socket.gethostname() or "pid" not in attrs:
+        return False
+    if "pid_ns" in attrs and attrs["pid_ns"] != _pid_namespace():
+        return False
+    state, start = _proc_stat(attrs["pid"])
+    if state == "gone" or state == "Z":  # Z: killed, not yet reaped by its parent
+        return True
+    if state is not None:
+        return attrs.get("pid_start") not in (None, start)  # the pid now names another process
+    try:  # no /proc (macOS): existence is all we can see
+        os.kill(attrs["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        pass
+    return False
+
+
+def fail_dead_local_trials(study: optuna.Study) -> list:
+    """Mark FAIL the RUNNING trials whose worker on this machine died, and queue each again.
+
+    The caller holds the study's lock (StudyLock): Optuna's heartbeat may be failing the same trial
+    in another worker, and `requeue` must see the other's retry to skip its own.
+    """
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_dead_local_worker(t.user_attrs):
+            continue
+        try:
+            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # the heartbeat of another worker was first
+            continue
+        failed.append(t.number)
+        requeue(study, t)
+    return failed
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, for_time: bool = False):
+    """Queue the failed `trial`'s parameters again, unless a retry of it is queued already or its
+    configuration has had MAX_RETRIES deaths (a cut by --time-limit, for_time, is not one). The
+    caller holds the study's lock."""
+    history = [*trial.user_attrs.get("retry_history", []), trial.number]  # every attempt, oldest first
+    if any(t.user_attrs.get("retry_history", [None])[-1] == trial.number for t in study.get_trials(deepcopy=False)):
+        return
+    # Deaths of this configuration's attempts before this one (studies of older versions: all of them).
+    deaths = trial.user_attrs.get("deaths", len(history) - 1)
+    if for_time:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": history[0], "retry_history": history,
+                                                      "deaths": deaths})
+        tqdm.write(f"trial {trial.number:4d} stopped for the time limit after epoch "
+                   f"{trial.user_attrs.get('epochs_run', 0)}; queued again, to go on from there in the next run")
+        return
+    deaths += 1
+    worker = f"its worker ({trial.user_attrs.get('host')} pid {trial.user_attrs.get('pid')}) died"
+    if deaths > MAX_RETRIES:
+        tqdm.write(f"trial {trial.number:4d} FAIL     {worker}, the configuration's attempt {len(history)} to die: given up")
+        return
+    # A worker that died before its first suggestion holds its queued parameters only as fixed_params.
+    params = trial.params or trial.system_attrs.get("fixed_params", {})
+    study.enqueue_trial(params, user_attrs={"retry_of": history[0], "retry_history": history, "deaths": deaths})
+    tqdm.write(f"trial {trial.number:4d} FAIL     {worker}; queued again, to go on from its last checkpoint")
+
+
+class RequeueStaleTrial:
+    """Optuna's heartbeat callback: a worker anywhere stopped beating and Optuna failed its trial."""
+
+    def __init__(self, lock: StudyLock):
+        self.lock = lock
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial):
+        with self.lock():
+            requeue(study, trial)
+
+
+class TotalReached(Exception):
+    """--total: the finished trials, with those running or queued, make the asked total."""
+
+
+def counts_toward_total(t: optuna.trial.FrozenTrial) -> bool:
+    """Finished with a verdict on its configuration: completed, pruned, or failed on its own (diverged).
+    A trial that failed because its worker died or was interrupted is retried or replaced instead."""
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED) or "failure" in t.user_attrs
+
+
+class WorkerStudy(optuna.Study):
+    """The study as one of several workers sees it: before each trial it takes over the trials of
+    dead workers on this machine, and with `total` it starts no trial beyond that many."""
+
+    def __init__(self, study: optuna.Study, lock: StudyLock, total: int | None = None):
+        super().__init__(study_name=study.study_name, storage=study._storage, sampler=study.sampler,
+                         pruner=study.pruner)
+        self.lock, self.total = lock, total
+
+    def ask(self, fixed_distributions=None):
+        with self.lock():
+            fail_dead_local_trials(self)
+            if self.total is not None:
+                trials = self.get_trials(deepcopy=False)
+                queued = any(t.state == TrialState.WAITING for t in trials)  # a retry to take over
+                due = sum(counts_toward_total(t) or t.state == TrialState.RUNNING for t in trials)
+                if not queued and due >= self.total:
+                    raise TotalReached
+            return super().ask(fixed_distributions)
+
+
+def completed_by_value(study: optuna.Study) -> list:
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(trials, key=lambda t: t.value, reverse=True)
+
+
+# ----------------------------------------------------------------------------- stage 2: one worker per model
+
+CLAIM = "claim.json"  # in a model's folder: who is training it
+
+
+def read_json(path: str):
+    """The file's JSON, or None if there is no such file (OSError or ValueError if it is unreadable)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def read_claim(path: str) -> dict | None:
+    try:
+        claim = read_json(path)
+    except (OSError, ValueError):
+        claim = "unreadable"
+    if claim is None:
+        return None
+    if not isinstance(claim, dict) or not isinstance(claim.get("pid"), int) or "host" not in claim:
+        raise DataError(f"{path} is not a claim written by stage2_final.py; delete it if no worker is training "
+                        f"that model")
+    return claim
+
+
+def take_claim(run_dir: str) -> str | None:
+    """Make this process the one worker that trains the model in run_dir: None if it now is, else who is.
+
+    The claim is a file that appears atomically, already complete (a hard link to a written temporary
+    file: the O_EXCL of a file with content), so that two workers, even on two machines sharing the
+    folder, never both get it. A claim whose process is dead on this host is taken over, and the
+    model resumes from its last.pt; a claim of another host is left alone, since only that host can
+    tell whether its worker lives (delete the file if that machine is gone for good).
+    """
+    path = os.path.join(run_dir, CLAIM)
+    me = {**process_identity(), "claimed_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.makedirs(run_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=CLAIM + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        with file_lock(path + ".lock"):  # one local worker at a time judges and removes a dead claim
+            for _ in range(3):  # a claim may be released or removed between two steps: look again
+                try:
+                    os.link(tmp, path)
+                    return None
+                except FileExistsError:
+                    holder = read_claim(path)
+                if holder is None:
+                    continue
+                if not is_dead_local_worker(holder):  # alive, or on another host: only that host can tell
+                    return (f"{holder['host']} pid {holder['pid']} (claimed {holder.get('claimed_at', '?')}; "
+                            f"{path})")
+                tqdm.write(f"{os.path.basename(run_dir)}: its worker, pid {holder['pid']} on this host, is dead; "
+                           f"taking the model over")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            return f"another worker ({path})"
+    finally:
+        os.remove(tmp)
+
+
+def release_claim(run_dir: str):
+    path = os.path.join(run_dir, CLAIM)
+    holder = read_claim(path)
+    me = process_identity()
+    if holder is not None and (holder["host"], holder["pid"]) == (me["host"], me["pid"]):
+        os.remove(path)
