@@ -34,11 +34,11 @@ CHANGES = {  # each single change on top of the plain recipe
     "plus_drop_path": dict(drop_path=0.1),
     "plus_grad_clip": dict(grad_clip=1.0),
 }
-# Chosen: every change that beat its base by more than the seed-to-seed spread (plain's 1.1 points,
-# warmup's 0.2), from docs/recipe.md's table: warmup (+5.8 points over plain; every other single
-# change scored at or below plain), then RandAugment off on top of warmup (+2.7 points over warmup's
-# mean, two seeds each; magnitude 5 instead of 9: +0.6, inside plain's spread).
-CHOSEN = dict(PLAIN, warmup_epochs=2, randaug_ops=0)
+# Chosen: the seed's own recipe (warmup, drop-path 0.1, clipping at 1, RandAugment(2, 9)), TrainConfig's
+# defaults. At this 10-epoch proxy drop-path, clipping and RandAugment each cost points (docs/recipe.md's
+# table: warmup + RandAugment off was best, 45.83 % over two seeds), but the proxy is not stage 2: the one
+# run at stage 2's 120 epochs used the seed's recipe, and a short budget favours whatever regularises least.
+CHOSEN = dict(PLAIN, warmup_epochs=2, drop_path=0.1, grad_clip=1.0)
 VARIANTS = {
     "plain": PLAIN,
     **{name: dict(PLAIN, **change) for name, change in CHANGES.items()},
@@ -49,12 +49,13 @@ VARIANTS = {
     # Milder augmentation on top of warmup: the 30-epoch reference run still under-fit (augmented
     # training accuracy below validation accuracy in every epoch), so RandAugment's strength is next.
     "warmup_randaug_m5": dict(PLAIN, warmup_epochs=2, randaug_magnitude=5),
+    # The proxy's best (45.06 / 46.60 %), the defaults until the seed's recipe replaced them.
     "warmup_randaug_off": dict(PLAIN, warmup_epochs=2, randaug_ops=0),
-    # Third round, on top of chosen, after its 30-epoch run stopped at 75.4 % test: the head's input,
-    # the mean of the patch tokens instead of the class token (43.76 %, 1.3 below chosen: not taken).
-    "chosen_mean_pool": dict(CHOSEN, pool="mean"),
+    # Third round, on top of that, after its 30-epoch run stopped at 75.4 % test: the head's input,
+    # the mean of the patch tokens instead of the class token (43.76 %, 1.3 below: not taken).
+    "warmup_randaug_off_mean_pool": dict(PLAIN, warmup_epochs=2, randaug_ops=0, pool="mean"),
 }
-TWO_SEEDS = ("plain", "plus_warmup", "chosen")  # the seed-to-seed spread is measured on these
+TWO_SEEDS = ("plain", "plus_warmup", "warmup_randaug_off", "chosen")  # the seed-to-seed spread is measured on these
 
 
 def run_one(name: str, seed: int, splits, device, epochs: int, subset: float, out: str) -> dict:

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import torch
 
@@ -30,16 +31,39 @@ def test_a_run_writes_its_json_once_and_the_table_reads_it(tmp_path, monkeypatch
     assert f"| 0 | {100 * first['best_val_acc']:.2f} | {100 * first['best_val_acc']:.2f} |" in table and "| plain |" in table
 
 
-def test_the_chosen_recipe_is_the_default_and_the_shipped_config():
-    # The recipe fields ablated (warmup, decay, drop-path, clipping, smoothing): their defaults must be
-    # what the ablation chose, and configs/seed_best.json (the reference run's config) must be exactly it.
+def test_the_defaults_are_the_seeds_recipe_everywhere():
+    # One recipe: TrainConfig's defaults, DeviceLoader's, the ablation's "chosen", configs/seed_best.json and
+    # configs/seed_recipe.json (the 120-epoch run's), the flags' help and the README all say the same.
+    import inspect
+
+    from data import DeviceLoader
+
+    root = os.path.join(os.path.dirname(__file__), "..")
     recipe = set(ablation.PLAIN) - set(ablation.SEED_BEST)
     default = ablation.TrainConfig()
     assert recipe and {k: getattr(default, k) for k in recipe} == {k: ablation.CHOSEN[k] for k in recipe}
-    with open(os.path.join(os.path.dirname(__file__), "..", "configs", "seed_best.json")) as f:
-        shipped = json.load(f)
-    assert {k: shipped[k] for k in ablation.CHOSEN} == ablation.CHOSEN
-    assert ablation.CHOSEN != ablation.PLAIN  # at least one change was chosen
+    assert (default.drop_path, default.grad_clip, default.warmup_epochs, default.randaug_ops,
+            default.randaug_magnitude) == (0.1, 1.0, 2, 2, 9)  # the seed's
+    loader = inspect.signature(DeviceLoader).parameters
+    assert (loader["randaug_ops"].default, loader["randaug_magnitude"].default) == (2, 9)
+    for name in ("seed_best.json", "seed_recipe.json"):
+        with open(os.path.join(root, "configs", name)) as f:
+            shipped = json.load(f)
+        assert {k: shipped[k] for k in ablation.CHOSEN} == ablation.CHOSEN, name
+    assert ablation.CHOSEN != ablation.PLAIN
+    from cli import OneLineParser
+    from train import add_recipe_flags  # the one place both stages' recipe flags come from
+
+    parser = OneLineParser()
+    add_recipe_flags(parser)
+    shown = parser.format_help()
+    for flag, value in (("--drop-path", "0.1"), ("--grad-clip", "1.0"), ("--randaug-ops", "2")):
+        assert re.search(re.escape(flag) + r" \w+\s+[^-]*?\(default: " + re.escape(value) + r"\)", shown), flag
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    phrase = (f"RandAugment({default.randaug_ops}, {default.randaug_magnitude}), drop-path {default.drop_path:g}, "
+              f"gradient clipping at {default.grad_clip:g}")
+    assert phrase in readme
 
 
 def test_a_variant_with_the_same_configuration_reuses_the_finished_run(tmp_path, monkeypatch):
@@ -59,7 +83,7 @@ def test_a_variant_with_the_same_configuration_reuses_the_finished_run(tmp_path,
 
 def test_the_seed_recipe_config_is_the_long_runs_command():
     # configs/seed_recipe.json must rebuild the 120-epoch evidence's configuration field for field, and
-    # equal seed_best.json with the three flags that run was started with: one run, two ways to ask for it.
+    # equal seed_best.json with the three flags that run was started with (the defaults now): one run.
     root = os.path.join(os.path.dirname(__file__), "..")
     with open(os.path.join(root, "results", "reference", "120ep_seed_recipe_stopped_at_97", "config.json")) as f:
         evidence = json.load(f)["config"]
