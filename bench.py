@@ -1,22 +1,29 @@
 """Measure our training pipeline against the usual PyTorch one, on one device, in one run.
 
-    python bench.py [--device auto|cpu|cuda] [--json FILE] [--quick]
+    python bench.py [--device auto|cpu|cuda|cuda:N|mps] [--json FILE] [--quick] [--amp auto|bf16|fp16|off]
 
 1. augmentation alone: our batched per-sample pipeline vs torchvision's PIL transforms in a
    DataLoader with one worker per core;
-2. the model step alone (forward, backward, optimizer step): images/s and MFU, the achieved
-   FLOP/s over this device's measured dense matmul peak (fp32 on CPU, bf16 on GPU), next to timm's
-   VisionTransformer of the same shape when timm is installed (`pip install timm`; optional);
-3. a real training epoch end to end: ours vs the PIL DataLoader feeding the same eager fp32 model;
-4. the peak memory of each (RSS on CPU, torch.cuda.max_memory_allocated on GPU).
+2. the model step alone (forward, backward, optimizer step) in the precision training uses
+   (train.resolve_amp: fp32 on CPU and MPS, bf16 on GPUs that run it natively, fp16 with loss
+   scaling on older ones): images/s and MFU, the achieved FLOP/s over this device's dense matmul
+   peak measured in that same precision, next to timm's VisionTransformer of the same shape when
+   timm is installed (`pip install timm`; optional);
+3. a real training epoch end to end: ours vs the PIL DataLoader feeding the same model in the same
+   precision, with the same (fused or not) AdamW and gradient clipping, so that their ratio
+   measures the data pipelines alone;
+4. the peak memory of each (RSS on CPU, torch.cuda.max_memory_allocated on a CUDA GPU, the MPS
+   driver's allocation on a Mac).
 Our side and the usual side each run in their own fresh process, taking turns (never at once); each
-peak memory is measured in a fresh process of its own.
+peak memory is measured in a fresh process of its own. --images and --rounds make a run smaller
+still than --quick (check_gpu.py's CPU smoke test).
 """
 
 import argparse
 import json
 import multiprocessing
 import os
+import platform
 import random
 import resource
 import statistics
@@ -27,18 +34,75 @@ import time
 import torch
 
 from augment import train_transform
-from data import AUGMENT_CHUNK, DataError, load_cifar10
-from train import FUSED_ADAMW_DEVICES, TrainConfig, Trainer, evaluate, make_optimizer, pick_device
+from data import AUGMENT_CHUNK, DataError, load_cifar10, loss_fn
+from train import (AMP_MODES, FUSED_ADAMW_DEVICES, TrainConfig, Trainer, evaluate, make_optimizer, pick_device,
+                   resolve_amp)
 from vit import ViT, count_flops
 
 SEED_BEST = dict(patch_size=4, embed_dim=128, depth=6, num_heads=4)
 LARGEST = dict(patch_size=2, embed_dim=192, depth=6, num_heads=4)
 BATCH = 128
+PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+
+
+def use_device(name: str) -> torch.device:
+    """pick_device, and cuda:N made this process's current CUDA device: whatever torch places on
+    "the current device" when no index is named (a DataLoader's pinning thread, any call left
+    without a device argument) then lands on the GPU under test, not on GPU 0."""
+    device = pick_device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
 
 
 def sync(device):
+    """Wait for the device's queued work, so that a wall clock times it (a CPU runs synchronously)."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def device_name(device) -> str:
+    """The device in words: the GPU's name, the Mac's chip, or the CPU's model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        chip = _sysctl("machdep.cpu.brand_string")
+        return f"Apple GPU (MPS){f', {chip}' if chip else ''}"
+    if device.type == "cpu":
+        return cpu_model() or platform.processor() or platform.machine() or "cpu"
+    return str(device)
+
+
+def _sysctl(key: str) -> str:
+    try:
+        return subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:  # not Linux
+        return _sysctl("machdep.cpu.brand_string")
+
+
+MEMORY_KIND = {"cpu": "RSS", "cuda": "max allocated", "mps": "MPS driver allocated"}
+
+
+def peak_memory_mb(device) -> float:
+    """This process's peak memory for the device's kind (MEMORY_KIND says which figure).
+
+    MPS keeps no peak; the driver's allocation at the end stands in for it: the caching allocator
+    keeps what it once held, so after a run that is close to the run's peak."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20
+    return peak_rss_mb()
 
 
 def median_time(fn, device, warmup: int, reps: int) -> float:
@@ -54,10 +118,11 @@ def median_time(fn, device, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(device, quick: bool) -> float:
-    """Dense matmul FLOP/s, the best of a few sizes: fp32 on CPU (bf16 is emulated there), bf16 on
-    GPU (what training uses)."""
-    sizes, dtype = ((1024, 2048, 4096), torch.float32) if device.type == "cpu" else ((4096, 8192), torch.bfloat16)
+def matmul_peak(device, quick: bool, dtype: torch.dtype | None = None) -> float:
+    """Dense matmul FLOP/s, the best of a few sizes, in dtype (None: fp32): the precision the
+    training step runs in, so that MFU compares the step with what the card does in that precision."""
+    sizes = (1024, 2048, 4096) if device.type == "cpu" else (4096, 8192)
+    dtype = dtype or torch.float32
     best = 0.0
     for n in sizes:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -132,18 +197,33 @@ def bench_baseline_aug(x, y, device, quick):
     return n * BATCH / (time.perf_counter() - t0)
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device):
-    """Forward, backward and optimizer step on one ready batch: bf16 autocast on GPU, fp32 on CPU."""
-    amp = device.type == "cuda"
+def step_settings(device, amp: str = "auto") -> dict:
+    """The training step's settings that the contenders share: the autocast dtype (None: fp32) as
+    Trainer resolves it, and whether AdamW is fused, as Trainer chooses by default. Our bare model
+    steps and both end-to-end sides take both (timm's step the precision only, its AdamW as a user
+    sets it up), so that the end-to-end ratio measures the data pipelines alone and MFU the
+    precision training really runs in."""
+    return {"amp_dtype": resolve_amp(device, amp), "fused": device.type in FUSED_ADAMW_DEVICES}
+
+
+def autocast(device, amp_dtype):
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device, amp_dtype=None):
+    """Forward, backward and optimizer step on one ready batch, under autocast to amp_dtype (None:
+    fp32), fp16 with loss scaling as Trainer does it."""
     x = torch.randn(BATCH, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (BATCH,), device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp_dtype):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)  # a disabled scaler calls opt.step() and nothing else
+        scaler.update()
 
     return step
 
@@ -153,16 +233,16 @@ def step_flops(shape: dict) -> int:
     return 3 * count_flops(TrainConfig(**shape).vit_config())
 
 
-def make_step(shape: dict, device):
+def make_step(shape: dict, device, amp: str = "auto"):
     """Our model's step, set up as Trainer does (whole batches: no CPU micro-batching)."""
-    cfg = TrainConfig(**shape)
+    cfg, settings = TrainConfig(**shape), step_settings(device, amp)
     torch.manual_seed(0)
     model = ViT(cfg.vit_config()).to(device).train()
-    opt = make_optimizer(model, cfg, fused=device.type in FUSED_ADAMW_DEVICES)
-    return train_step(model, opt, device)
+    opt = make_optimizer(model, cfg, fused=settings["fused"])
+    return train_step(model, opt, device, settings["amp_dtype"])
 
 
-def make_timm_step(shape: dict, device):
+def make_timm_step(shape: dict, device, amp: str = "auto"):
     """The reference for the model step: timm's VisionTransformer of the same shape and stochastic
     depth, with torch's default AdamW, as a user would set it up. None when timm is not installed."""
     try:
@@ -174,7 +254,7 @@ def make_timm_step(shape: dict, device):
                               depth=shape["depth"], num_heads=shape["num_heads"], num_classes=10,
                               drop_path_rate=TrainConfig().drop_path).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=(device.type == "cuda") or None)
-    return train_step(model, opt, device)
+    return train_step(model, opt, device, step_settings(device, amp)["amp_dtype"])
 
 
 def step_rate(step, device, steps: int) -> float:
@@ -187,14 +267,26 @@ def step_rate(step, device, steps: int) -> float:
     return steps * BATCH / (time.perf_counter() - t0)
 
 
-class Baseline:
-    """The usual pipeline: the PIL DataLoader feeding the same model, eager, fp32, default AdamW."""
+def our_trainer(x, y, device, amp: str = "auto") -> Trainer:
+    """Our side of the end-to-end comparison: the Trainer as the stages use it, on x."""
+    cfg = TrainConfig(**SEED_BEST, batch_size=BATCH)
+    return Trainer(cfg, x.to(device), y.to(device), x[:BATCH].to(device), y[:BATCH].to(device), device,
+                   amp=amp, fused=step_settings(device, amp)["fused"], progress=False)
 
-    def __init__(self, x, y, device):
-        cfg = TrainConfig(**SEED_BEST, batch_size=BATCH)
+
+class Baseline:
+    """The usual pipeline: the PIL DataLoader feeding the same model, eager, with our Trainer's
+    training step (the same autocast dtype, loss scaling, fused or unfused AdamW and gradient
+    clipping): what differs from ours is the data pipeline alone."""
+
+    def __init__(self, x, y, device, amp: str = "auto"):
+        self.cfg = TrainConfig(**SEED_BEST, batch_size=BATCH)
+        settings = step_settings(device, amp)
+        self.amp_dtype, self.fused = settings["amp_dtype"], settings["fused"]
         torch.manual_seed(0)
-        self.model = ViT(cfg.vit_config()).to(device).train()
-        self.opt = make_optimizer(self.model, cfg)
+        self.model = ViT(self.cfg.vit_config()).to(device).train()
+        self.opt = make_optimizer(self.model, self.cfg, fused=self.fused)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.loader, self.device = pil_loader(x, y, device), device
 
     def epoch(self) -> float:
@@ -202,33 +294,39 @@ class Baseline:
         t0, seen = time.perf_counter(), 0
         for xb, yb in self.loader:
             xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
-            loss = torch.nn.functional.cross_entropy(self.model(xb), yb)
+            with autocast(self.device, self.amp_dtype):
+                logits = self.model(xb)
+            loss = loss_fn(logits.float(), yb, self.cfg.label_smoothing)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            self.scaler.scale(loss).backward()
+            if self.cfg.grad_clip > 0:
+                self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.scaler.step(self.opt)
+            self.scaler.update()
             seen += len(yb)
         sync(self.device)
         return seen / (time.perf_counter() - t0)
 
 
-def contender(side: str, conn, data_dir: str, n: int, device_name: str, largest_steps: int):
+def contender(side: str, conn, data_dir: str, n: int, device_arg: str, largest_steps: int, amp: str = "auto"):
     """One side of the end-to-end comparison, alone in a fresh process, running what the parent
     names and answering its images/s. "ours": our Trainer (which, on a CPU, tunes the process's
-    allocator), our bare model step and the largest shape's; "usual": the PIL DataLoader baseline
-    and timm's model step, in a process as Python starts it."""
-    device = pick_device(device_name)
+    allocator), our bare model step and (unless largest_steps is 0) the largest shape's; "usual":
+    the PIL DataLoader baseline and timm's model step, in a process as Python starts it."""
+    device = use_device(device_arg)
     x, y, _ = images(data_dir, n)
     x, y, steps = x[:n], y[:n], n // BATCH
     if side == "ours":
-        cfg = TrainConfig(**SEED_BEST, batch_size=BATCH)
-        trainer = Trainer(cfg, x.to(device), y.to(device), x[:BATCH].to(device), y[:BATCH].to(device), device,
-                          progress=False)
-        step, largest = make_step(SEED_BEST, device), make_step(LARGEST, device)
-        runs = {"ours": lambda: trainer.train_epoch()["train_img_s"], "step": lambda: step_rate(step, device, steps),
-                "step_largest": lambda: (largest(), step_rate(largest, device, largest_steps))[1]}  # 1 warm-up
+        trainer = our_trainer(x, y, device, amp)
+        step = make_step(SEED_BEST, device, amp)
+        runs = {"ours": lambda: trainer.train_epoch()["train_img_s"], "step": lambda: step_rate(step, device, steps)}
+        if largest_steps:
+            largest = make_step(LARGEST, device, amp)
+            runs["step_largest"] = lambda: (largest(), step_rate(largest, device, largest_steps))[1]  # 1 warm-up
     else:
-        runs = {"baseline": Baseline(x, y, device).epoch}
-        timm_step = make_timm_step(SEED_BEST, device)
+        runs = {"baseline": Baseline(x, y, device, amp).epoch}
+        timm_step = make_timm_step(SEED_BEST, device, amp)
         if timm_step is not None:
             runs["timm_step"] = lambda: step_rate(timm_step, device, steps)
     conn.send(list(runs))
@@ -236,7 +334,7 @@ def contender(side: str, conn, data_dir: str, n: int, device_name: str, largest_
         conn.send(runs[name]())
 
 
-def bench_e2e(data_dir: str, n: int, device_name: str, rounds: int, largest_steps: int) -> dict:
+def bench_e2e(data_dir: str, n: int, device_arg: str, rounds: int, largest_steps: int, amp: str = "auto") -> dict:
     """Ours, the baseline and the bare model steps (timm's too, if installed), measured in turns, so
     that the drift of a shared machine (10-15 % here) hits all alike, in a new seeded order each round,
     so that none always runs after the same neighbour. Each side lives in its own process (see
@@ -246,7 +344,7 @@ def bench_e2e(data_dir: str, n: int, device_name: str, rounds: int, largest_step
     owner, procs = {}, []
     for side in ("ours", "usual"):  # one after the other: setting up does not overlap
         conn, child_conn = ctx.Pipe()
-        proc = ctx.Process(target=contender, args=(side, child_conn, data_dir, n, device_name, largest_steps))
+        proc = ctx.Process(target=contender, args=(side, child_conn, data_dir, n, device_arg, largest_steps, amp))
         proc.start()
         procs.append((proc, conn))
         owner.update((name, conn) for name in conn.recv())
@@ -262,7 +360,9 @@ def bench_e2e(data_dir: str, n: int, device_name: str, rounds: int, largest_step
             rate = run(k)
             rates[k] += [rate] if i else []
     result = {k: statistics.median(v) for k, v in rates.items()}
-    result["step_largest"], result["rounds"] = run("step_largest"), rates
+    result["rounds"] = rates
+    if "step_largest" in owner:
+        result["step_largest"] = run("step_largest")
 
     def paired(a, b):
         return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
@@ -285,87 +385,141 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # bytes on macOS
 
 
-def memory_child(kind: str, data_dir: str, device, n: int) -> float:
+def memory_child(kind: str, data_dir: str, device, n: int, amp: str = "auto") -> float:
     """Peak memory of a short training run, alone in this fresh process: all of CIFAR-10 loaded,
     as a stage-1 run has it, then one epoch of n images through our pipeline or the baseline."""
     x, y, _ = images(data_dir, 50000)
     x, y = x[:n], y[:n]
     if kind in ("ours", "largest"):
         shape = SEED_BEST if kind == "ours" else LARGEST
-        trainer = Trainer(TrainConfig(**shape, batch_size=BATCH), x.to(device), y.to(device), x[:1000].to(device),
-                          y[:1000].to(device), device, progress=False)
+        val = min(1000, n)  # 1,000 but in a run smaller than that
+        trainer = Trainer(TrainConfig(**shape, batch_size=BATCH), x.to(device), y.to(device), x[:val].to(device),
+                          y[:val].to(device), device, amp=amp, fused=step_settings(device, amp)["fused"],
+                          progress=False)
         trainer.train_epoch()
         evaluate(trainer.model, trainer.val_loader)
     else:
-        Baseline(x, y, device).epoch()
-    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
+        Baseline(x, y, device, amp).epoch()
+    return peak_memory_mb(device)
 
 
-def peak_memory(kind, args, n) -> float:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--device", args.device,
-           "--data-dir", args.data_dir, "--n", str(n)]
+def peak_memory(kind: str, device_arg: str, data_dir: str, n: int, amp: str = "auto") -> float:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--device", device_arg,
+           "--data-dir", data_dir, "--n", str(n), "--amp", amp]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu or cuda (default: auto)")
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions and images (under 5 minutes on 2 CPU cores)")
-    p.add_argument("--data-dir", default="data", help="CIFAR-10 folder; random images if absent (default: data)")
-    p.add_argument("--child", choices=["ours", "baseline", "largest"], help=argparse.SUPPRESS)
-    p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    device = pick_device(args.device)
-    if args.child:
-        print(memory_child(args.child, args.data_dir, device, args.n))
-        return
-
+def measure(device, device_arg: str, data_dir: str, quick: bool, images_n: int | None = None,
+            rounds: int | None = None, amp: str = "auto", largest: bool = True) -> dict:
+    """Every figure of the bench, as main's JSON holds them. device_arg: the --device text, for the
+    child processes; images_n and rounds: per end-to-end turn and counted rounds (None: the
+    defaults); largest: also the search space's largest shape (its step and its peak memory)."""
     cpu = device.type == "cpu"
-    e2e_n = (1536 if args.quick else 4096) if cpu else 45000
-    x, y, source = images(args.data_dir, 50000)  # all: batches enough for any number of PIL workers
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
-          f" torch {torch.__version__}, {source}", flush=True)
-    r = {"device": str(device) if cpu else torch.cuda.get_device_name()}
-    peak = matmul_peak(device, args.quick)
-    r["matmul_peak_tflops"] = peak / 1e12
-    r["aug_img_s"] = bench_aug(x, device, args.quick)
-    r["baseline_aug_img_s"] = bench_baseline_aug(x, y, device, args.quick)
-    e2e = bench_e2e(args.data_dir, e2e_n, args.device, rounds=5 if args.quick else 9,
-                    largest_steps=2 if cpu and args.quick else 8)
+    e2e_n = images_n or ((1536 if quick else 4096) if cpu else 45000)
+    rounds = rounds or (5 if quick else 9)
+    amp_dtype = step_settings(device, amp)["amp_dtype"]
+    precision = PRECISION[amp_dtype]
+    x, y, source = images(data_dir, 50000)  # all: batches enough for any number of PIL workers
+    name = device_name(device)
+    threads = f", {torch.get_num_threads()} threads" if cpu else ""
+    print(f"device {device} ({name}{threads}), torch {torch.__version__}, {source}, training precision {precision}",
+          flush=True)
+    r = {"device": "cpu" if cpu else name, "device_name": name, "device_type": device.type, "torch": torch.__version__,
+         "data": source, "precision": precision, "fused_adamw": step_settings(device, amp)["fused"],
+         "e2e_images": e2e_n}
+    peak = matmul_peak(device, quick, amp_dtype)
+    r["matmul_peak_tflops"], r["matmul_peak_dtype"] = peak / 1e12, precision
+    r["aug_img_s"] = bench_aug(x, device, quick)
+    r["baseline_aug_img_s"] = bench_baseline_aug(x, y, device, quick)
+    e2e = bench_e2e(data_dir, e2e_n, device_arg, rounds=rounds,
+                    largest_steps=min(2 if cpu and quick else 8, max(1, e2e_n // BATCH)) if largest else 0, amp=amp)
     flops, flops_largest = step_flops(SEED_BEST), step_flops(LARGEST)
     r["step_img_s"], r["step_mfu"] = e2e["step"], flops * e2e["step"] / peak
     if "timm_step" in e2e:  # same shape, same FLOPs
         r["step_img_s_timm"], r["step_mfu_timm"] = e2e["timm_step"], flops * e2e["timm_step"] / peak
         r["step_over_timm"] = e2e["step/timm"]
-    r["step_img_s_largest"], r["step_mfu_largest"] = e2e["step_largest"], flops_largest * e2e["step_largest"] / peak
+    if largest:
+        r["step_img_s_largest"] = e2e["step_largest"]
+        r["step_mfu_largest"] = flops_largest * e2e["step_largest"] / peak
     r["e2e_img_s"], r["baseline_e2e_img_s"] = e2e["ours"], e2e["baseline"]
     r["e2e_ratio"], r["e2e_over_step"] = e2e["ours/baseline"], e2e["ours/step"]
     r["rounds_img_s"] = e2e["rounds"]  # every counted round, for the spread behind the medians
-    r["peak_mem_mb"], r["baseline_peak_mem_mb"] = peak_memory("ours", args, e2e_n), peak_memory("baseline", args, e2e_n)
-    # a stage-1 trial of the search space's largest shape: the peak memory of a whole search
-    r["peak_mem_mb_largest"] = peak_memory("largest", args, 2 * BATCH if cpu and args.quick else e2e_n)
+    r["peak_mem_kind"] = MEMORY_KIND.get(device.type, "RSS")
+    r["peak_mem_mb"] = peak_memory("ours", device_arg, data_dir, e2e_n, amp)
+    r["baseline_peak_mem_mb"] = peak_memory("baseline", device_arg, data_dir, e2e_n, amp)
+    if largest:  # a stage-1 trial of the search space's largest shape: the peak memory of a whole search
+        largest_n = min(2 * BATCH, e2e_n) if cpu and quick else e2e_n
+        r["peak_mem_mb_largest"] = peak_memory("largest", device_arg, data_dir, largest_n, amp)
+    return r
 
-    mem = "RSS" if cpu else "max allocated"
+
+def table(r: dict) -> str:
+    """The figures as a Markdown table."""
+    mem, precision = r["peak_mem_kind"], r["precision"]
+    optimizer = "fused AdamW" if r["fused_adamw"] else "AdamW"
     rows = [
-        ("matmul peak", f"{r['matmul_peak_tflops'] * 1e3:,.0f} GFLOP/s", "fp32" if cpu else "bf16"),
+        ("matmul peak", f"{r['matmul_peak_tflops'] * 1e3:,.0f} GFLOP/s", r["matmul_peak_dtype"]),
         ("augmentation, ours", f"{r['aug_img_s']:,.0f} img/s", f"{r['aug_img_s'] / r['baseline_aug_img_s']:.1f}x baseline"),
         ("augmentation, PIL DataLoader", f"{r['baseline_aug_img_s']:,.0f} img/s", f"{os.cpu_count()} workers"),
-        ("model step, seed's best shape", f"{r['step_img_s']:,.0f} img/s", f"MFU {100 * r['step_mfu']:.1f} %"),
+        ("model step, seed's best shape", f"{r['step_img_s']:,.0f} img/s", f"MFU {100 * r['step_mfu']:.1f} %, {precision}"),
         ("model step, timm reference", f"{r['step_img_s_timm']:,.0f} img/s" if "step_img_s_timm" in r else "-",
          f"MFU {100 * r['step_mfu_timm']:.1f} %, ours {r['step_over_timm']:.2f}x" if "step_img_s_timm" in r
          else "timm not installed"),
-        ("model step, largest shape", f"{r['step_img_s_largest']:,.0f} img/s", f"MFU {100 * r['step_mfu_largest']:.1f} %"),
+        ("model step, largest shape", f"{r['step_img_s_largest']:,.0f} img/s" if "step_img_s_largest" in r else "-",
+         f"MFU {100 * r['step_mfu_largest']:.1f} %" if "step_img_s_largest" in r else "not measured"),
         ("end to end, ours", f"{r['e2e_img_s']:,.0f} img/s", f"{100 * r['e2e_over_step']:.1f} % of model step"),
         ("end to end, PIL DataLoader", f"{r['baseline_e2e_img_s']:,.0f} img/s", f"ours / baseline = {r['e2e_ratio']:.2f}x"),
+        ("  (both: the same step)", "", f"{precision}, {optimizer}, clip"),
         (f"peak memory ({mem}), ours", f"{r['peak_mem_mb']:,.0f} MB", ""),
         (f"peak memory ({mem}), baseline", f"{r['baseline_peak_mem_mb']:,.0f} MB", ""),
-        (f"peak memory ({mem}), largest shape", f"{r['peak_mem_mb_largest']:,.0f} MB", "training + validation"),
+        (f"peak memory ({mem}), largest shape",
+         f"{r['peak_mem_mb_largest']:,.0f} MB" if "peak_mem_mb_largest" in r else "-", "training + validation"),
     ]
-    print(f"\n| {'measurement':<34} | {'figure':>16} | {'note':<28} |\n|{'-' * 36}|{'-' * 18}:|{'-' * 30}|")
-    for name, fig, note in rows:
-        print(f"| {name:<34} | {fig:>16} | {note:<28} |")
+    lines = [f"| {'measurement':<34} | {'figure':>16} | {'note':<28} |", f"|{'-' * 36}|{'-' * 18}:|{'-' * 30}|"]
+    lines += [f"| {name:<34} | {fig:>16} | {note:<28} |" for name, fig, note in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and images (under 5 minutes on 2 CPU cores)")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="precision of the model steps and of both end-to-end contenders, and so of the matmul "
+                        "peak that MFU divides by, as training resolves it (default: auto, what training uses)")
+    p.add_argument("--images", type=int, default=None, metavar="N",
+                   help=f"images per end-to-end turn and memory run, at least {BATCH} (default: 45,000 on a GPU; "
+                        "on a CPU 4,096, with --quick 1,536)")
+    p.add_argument("--rounds", type=int, default=None, metavar="N",
+                   help="counted end-to-end rounds, after one that warms up (default: 9, with --quick 5)")
+    p.add_argument("--no-largest", action="store_true",
+                   help="leave out the search space's largest shape (its step and peak memory): on a CPU the "
+                        "slowest part of a small run (default: measured)")
+    p.add_argument("--data-dir", default="data", help="CIFAR-10 folder; random images if absent (default: data)")
+    p.add_argument("--child", choices=["ours", "baseline", "largest"], help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.images is not None and args.images < BATCH:
+        p.error(f"--images must be at least {BATCH} (one batch), got {args.images}")
+    if args.rounds is not None and args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.child:
+        device = use_device(args.device)
+        print(memory_child(args.child, args.data_dir, device, args.n, args.amp))
+        return
+    from cli import resolve_device  # its one-line errors; only here, children need not import it
+
+    try:
+        resolve_device(args.device)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    device = use_device(args.device)
+    r = measure(device, args.device, args.data_dir, args.quick, args.images, args.rounds, args.amp,
+                largest=not args.no_largest)
+    print("\n" + table(r))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)
