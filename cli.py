@@ -67,6 +67,8 @@ def clock(seconds: float) -> str:
 
 class StoppedForTime(Exception):
     """--time-limit was reached; the message says where the run stopped and how to continue it."""
+
+
 class ResultsError(RuntimeError):
     """The results folder cannot be written; the message says which and why."""
 

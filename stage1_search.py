@@ -243,6 +243,15 @@ def _finished(study: optuna.Study) -> int:
     return sum(counts_toward_total(t) for t in study.get_trials(deepcopy=False))
 
 
+def _stopped_for_time(study: optuna.Study, total: int) -> str:
+    return f"stopped for the time limit: {_finished(study)} of {total} trials finished"
+
+
+def _best_so_far(study: optuna.Study) -> str:
+    done = completed_by_value(study)
+    return f", best val acc {100 * done[0].value:.2f} % (trial {done[0].number})" if done else ""
+
+
 def run(args, splits=None):
     """Run the search (with --jobs, in that many worker processes); `splits` (tests) replaces CIFAR-10."""
     # Ours is one line per trial (after_trial) and one for an error that stops the run (main);
@@ -296,11 +305,12 @@ def run(args, splits=None):
         write_reports(study, out_dir, args.top_k, plots=False)
         if left and deadline is not None and objective.last_epoch_s is not None \
                 and time.monotonic() + objective.last_epoch_s > deadline:
+            nonlocal stopped
+            stopped = True
             study.stop()  # not even one epoch of another trial fits
-            args.stopped_for_time = True
 
     args.jobs_running = getattr(args, "jobs_running", 1)
-    args.stopped_for_time = False
+    stopped, cut_where = False, ""  # --time-limit: whether it stopped the run, and where a trial was cut
     try:
         study.optimize(objective, n_trials=None, callbacks=[after_trial], catch=(Diverged, OutOfMemory),
                        gc_after_trial=False)
@@ -310,7 +320,9 @@ def run(args, splits=None):
         cut = next(t for t in study.get_trials(deepcopy=False) if t.number == e.args[0])
         with study.lock():
             requeue(study, cut, for_time=True)
-        args.stopped_for_time = f"trial {cut.number} after epoch {cut.user_attrs.get('epochs_run', 0)} of {args.epochs}"
+        stopped = True
+        cut_where = (f" (trial {cut.number} after epoch {cut.user_attrs.get('epochs_run', 0)} of {args.epochs} goes "
+                     f"on in the next run)")
     except KeyboardInterrupt:
         if not worker:  # the --jobs parent says it for all its workers
             tqdm.write("interrupted: the running trial is marked FAIL, finished trials are kept; "
@@ -318,16 +330,12 @@ def run(args, splits=None):
         write_reports(study, out_dir, args.top_k)
         raise
     write_reports(study, out_dir, args.top_k)
-    if args.stopped_for_time:
+    if stopped:
         if not objective.epochs_trained:  # a limit shorter than one epoch would never get anywhere
             raise StoppedForTime(f"{who}not one epoch fits in the time limit (the last took "
                                  f"{objective.last_epoch_s or 0:.0f} s), so nothing was trained; give a longer "
                                  f"--time-limit")
-        done = completed_by_value(study)
-        best = f", best val acc {100 * done[0].value:.2f} % (trial {done[0].number})" if done else ""
-        where = f" ({args.stopped_for_time} goes on in the next run)" if isinstance(args.stopped_for_time, str) else ""
-        raise StoppedForTime(f"{who}stopped for the time limit: {_finished(study)} of {args.trials} trials "
-                             f"finished{where}{best}")
+        raise StoppedForTime(f"{who}{_stopped_for_time(study, args.trials)}{cut_where}{_best_so_far(study)}")
     if not worker:
         done = completed_by_value(study)
         tqdm.write(f"done: {len(done)} completed trials; top {args.top_k} in "
@@ -364,10 +372,8 @@ def run_workers(args, study: optuna.Study, splits, out_dir: str):
                    "command to continue the study")
         raise KeyboardInterrupt
     if EXIT_TIME_LIMIT in codes:
-        done = completed_by_value(study)
-        best = f", best val acc {100 * done[0].value:.2f} % (trial {done[0].number})" if done else ""
-        raise StoppedForTime(f"stopped for the time limit: {_finished(study)} of {args.trials} trials finished"
-                             f"{best}; cut trials go on in the next run")
+        raise StoppedForTime(f"{_stopped_for_time(study, args.trials)}{_best_so_far(study)}; cut trials go on in "
+                             f"the next run")
     failed = [f"worker {k + 1} (exit code {c})" for k, c in enumerate(codes) if c != 0]
     if failed:
         raise ResultsError(f"{', '.join(failed)} stopped with an error (its line is above); the trials finished so "

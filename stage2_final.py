@@ -251,8 +251,9 @@ def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
         else:
             tqdm.write(f"{c.name}: training from scratch, at most {epochs_phrase(cfg.epochs)} on {len(s.train_images)} "
                        f"images, early stopping on {len(s.val_images)} (patience {cfg.patience}), on {device}")
-            if warmup_note(cfg):
-                tqdm.write(f"{c.name}: {warmup_note(cfg)}")
+            note = warmup_note(cfg)
+            if note:
+                tqdm.write(f"{c.name}: {note}")
         tensorboard = TensorBoardLogger(run_dir)
         first_epoch = trainer.epoch
 
