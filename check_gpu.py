@@ -57,7 +57,7 @@ import sys
 import tarfile
 import time
 
-from cli import OneLineParser
+from cli import OneLineParser, clock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED_RECIPE = os.path.join(HERE, "configs", "seed_recipe.json")
@@ -172,7 +172,8 @@ def run_step(name: str, cmd: list, log_path: str, out: str) -> dict:
             proc.wait()
             raise
     wall = time.monotonic() - t0
-    print(f"== {name}: {'done' if code == 0 else f'FAILED (exit code {code})'} in {_clock(wall)}", flush=True)
+    done = "done" if code == 0 else f"FAILED (exit code {code})"
+    print(f"== {name}: {done} in {clock(wall, precise=True)}", flush=True)
     result = {"ok": code == 0, "exit_code": code, "wall_s": wall, "command": _shown(cmd),
               "log": os.path.relpath(log_path, out)}
     if code:
@@ -303,13 +304,6 @@ def project(stage1: dict, stage2: dict) -> dict:
 # ----------------------------------------------------------------------------- the summary
 
 
-def _clock(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
-
-
 def _flops(tflops: float) -> str:
     return f"{tflops:,.0f} TFLOP/s" if tflops >= 10 else f"{tflops * 1e3:,.0f} GFLOP/s"
 
@@ -321,7 +315,8 @@ def _pct(x) -> str:
 def summary(check: dict) -> str:
     env, info = check["environment"], check["check"]
     lines = [f"# Check of {env['device_name']} ({env['device']})", "",
-             f"{info['started']}, {'smoke test (tiny runs), ' if info['smoke'] else ''}took {_clock(info['wall_s'])}; "
+             f"{info['started']}, {'smoke test (tiny runs), ' if info['smoke'] else ''}"
+             f"took {clock(info['wall_s'], precise=True)}; "
              f"{'all steps ran' if info['ok'] else 'SOME STEPS FAILED'}.", "",
              f"- torch {env['torch']}"
              + (f", CUDA {env['cuda']}, cuDNN {env['cudnn']}, driver {env['driver'] or 'unknown'}"
@@ -358,15 +353,17 @@ def summary(check: dict) -> str:
     if "stage1_s" in p:
         lines.append(f"- stage 1: {p['stage1_trials']} trials x ({p['stage1_epochs']} epochs x "
                      f"{p['stage1_epoch_s']:.1f} s (an epoch at {p['stage1_train_images']:,} images) + "
-                     f"{p['stage1_warmup_s']:.1f} s warm-up) + {_clock(p['stage1_one_off_s'])} start and reports = "
-                     f"{_clock(p['stage1_s'])}")
+                     f"{p['stage1_warmup_s']:.1f} s warm-up) + {clock(p['stage1_one_off_s'], precise=True)} start "
+                     f"and reports = "
+                     f"{clock(p['stage1_s'], precise=True)}")
     if "stage2_s" in p:
         lines.append(f"- stage 2: {p['stage2_models']} models x ({p['stage2_epochs']} epochs x "
                      f"{p['stage2_epoch_s']:.1f} s (an epoch at {p['stage2_train_images']:,} images) + "
-                     f"{p['stage2_warmup_s']:.1f} s warm-up + {_clock(p['stage2_model_rest_s'])} start, test and "
-                     f"reports) = {_clock(p['stage2_s'])}")
+                     f"{p['stage2_warmup_s']:.1f} s warm-up + {clock(p['stage2_model_rest_s'], precise=True)} start, "
+                     f"test and "
+                     f"reports) = {clock(p['stage2_s'], precise=True)}")
     if "total_s" in p:
-        lines.append(f"- **whole plan: at most {_clock(p['total_s'])}**, {p['note']}"
+        lines.append(f"- **whole plan: at most {clock(p['total_s'], precise=True)}**, {p['note']}"
                      + (". Smoke test: these figures come from tiny runs and mean little" if info["smoke"] else ""))
     else:
         lines.append("- no projection: a stage gave no epoch to measure")
@@ -378,7 +375,7 @@ def summary(check: dict) -> str:
 def _result(step: dict) -> str:
     if not step:
         return "not run"
-    return f"ok, {_clock(step['wall_s'])}" if step["ok"] else f"FAILED (exit code {step['exit_code']})"
+    return f"ok, {clock(step['wall_s'], precise=True)}" if step["ok"] else f"FAILED (exit code {step['exit_code']})"
 
 
 def write(out: str, check: dict):

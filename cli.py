@@ -1,5 +1,6 @@
-"""What the command-line scripts share: one-line usage errors, --time-limit and its exit code, the
-results folder's writability check, the one --device resolver.
+"""What the command-line scripts share: one-line usage errors, the flags every script has, --time-limit
+and its exit code, the results folder's writability check, the one --device resolver, and the one
+`run_main` that turns the project's errors into one line and an exit code.
 
 A run cut by --time-limit ends with EXIT_TIME_LIMIT (75, sysexits' EX_TEMPFAIL: "try again later"),
 so that a job script can tell it from a finished run (0), a failed one (1), a usage error (2) and
@@ -60,17 +61,102 @@ def continue_command(script: str, argv: list | None, redact=lambda arg: arg) -> 
     return shlex.join(["python", script, *(redact(a) for a in args)])
 
 
-def clock(seconds: float) -> str:
-    """A duration for an ETA: '2 h 05 min', or '7 min' under an hour."""
-    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:02.0f} min" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+def clock(seconds: float, precise: bool = False) -> str:
+    """A duration for an ETA: '2 h 05 min', or '7 min' under an hour; precise (a measured step's wall
+    time): '7 min 05 s' under an hour and '45 s' under a minute."""
+    if not precise:
+        return (f"{seconds // 3600:.0f} h {seconds % 3600 // 60:02.0f} min" if seconds >= 3600
+                else f"{seconds / 60:.0f} min")
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)"
+
+
+def add_common_flags(parser: argparse.ArgumentParser, results_help: str | None = None,
+                     storage_help: str | None = None):
+    """--data-dir, --no-download and --device; --results and --storage for the scripts that have them."""
+    parser.add_argument("--data-dir", default="data",
+                        help="folder holding (or to receive) cifar-10-batches-py/ (default: data)")
+    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading CIFAR-10")
+    if results_help:
+        parser.add_argument("--results", default="results", help=results_help)
+    if storage_help:
+        parser.add_argument("--storage", default=None, help=storage_help)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def default_storage(args):
+    if args.storage is None:
+        args.storage = f"sqlite:///{os.path.join(args.results, 'stage1.db')}"
+
+
+def check_positive(parser: argparse.ArgumentParser, args, names):
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def epoch_line(name: str, record: dict, history: list, epochs: int) -> str:
+    """One finished epoch in words, with the time the rest of the run takes at most (from the last 5 epochs)."""
+    recent = [r.get("epoch_s", r["epoch_time"]) for r in history[-5:]]
+    left = (epochs - record["epoch"]) * sum(recent) / len(recent)
+    eta = f", at most {clock(left)} left" if left > 0 else ""  # early stopping may end it sooner
+    return (f"{name} epoch {record['epoch']:3d}/{epochs}: train loss {record['train_loss']:.4f} "
+            f"acc {100 * record['train_acc']:.2f} %, val loss {record['val_loss']:.4f} "
+            f"acc {100 * record['val_acc']:.2f} %"
+            f"{' (best)' if record['is_best'] else ''}, lr {record['lr']:.2e}, {record['epoch_time']:.0f}s{eta}")
 
 
 class StoppedForTime(Exception):
     """--time-limit was reached; the message says where the run stopped and how to continue it."""
 
 
+def nothing_fits(who: str, last_epoch_s: float | None) -> StoppedForTime:
+    """A limit shorter than one epoch would never get anywhere: say so instead of stopping again and again."""
+    took = f" (the last took {last_epoch_s:.0f} s)" if last_epoch_s else ""
+    return StoppedForTime(f"{who}not one epoch fits in the time limit{took}, so nothing was trained; give a longer "
+                          f"--time-limit")
+
+
 class ResultsError(RuntimeError):
     """The results folder cannot be written; the message says which and why."""
+
+
+class StorageError(RuntimeError):
+    """The Optuna storage cannot be opened; the message says which and why."""
+
+
+def run_main(work, kept: str, script: str | None = None, argv=None, redact=lambda arg: arg,
+             interrupted: str | None = None, unnamed: str | None = None) -> int:
+    """work(), with the project's errors as one line on stderr; returns the exit code.
+
+    kept: what survives a failed write, said after it; script: the one whose command continues a
+    run stopped by --time-limit (None: only the reason is printed, e.g. by a --jobs worker);
+    interrupted: the line for Ctrl-C; unnamed: the path to name when an OSError names none.
+    """
+    try:
+        work()
+    except StoppedForTime as e:
+        more = f"; continue with: {continue_command(script, argv, redact)}" if script else ""
+        print(f"{e}{more}", file=sys.stderr)
+        return EXIT_TIME_LIMIT
+    except (DataError, StorageError, ResultsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, or a folder that stopped being writable mid-run
+        where = e.filename or unnamed
+        print(f"error: cannot write{f' {where!r}' if where else ''}: {e.strerror or e}; {kept}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if interrupted:
+            print(interrupted, file=sys.stderr)
+        return 130
+    return 0
 
 
 def check_writable(folder: str):

@@ -24,10 +24,11 @@ import sys
 
 import numpy as np
 import torch
-from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import (ConfusionMatrixDisplay, classification_report, confusion_matrix,
+                             precision_recall_fscore_support)
 
 from checkpoint import checkpoint_file, load_checkpoint
-from cli import resolve_device
+from cli import OneLineParser, add_common_flags, resolve_device, run_main
 from data import VAL_PER_CLASS, DataError, DeviceLoader, final_test_set, load_cifar10
 from report import code_version, plot_mistakes, plot_per_class_accuracy, write_bytes, write_json, write_text
 from stats import accuracy_interval, difference_interval
@@ -104,18 +105,11 @@ def plot_confusion(path: str, cm: np.ndarray, classes: list, title: str):
     # Rows of a class the test set lacks would divide by zero; they stay 0.
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig, axes = plt.subplots(1, 2, figsize=(17, 7.5))
-    panels = ((axes[0], cm, "counts", "d"), (axes[1], norm, "row-normalised (recall on the diagonal)", ".2f"))
-    for ax, values, name, fmt in panels:
-        im = ax.imshow(values, cmap="Blues", vmin=0)
-        ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
-               xlabel="predicted class", ylabel="true class", title=name)
-        ax.tick_params(axis="x", labelrotation=45)
-        high = values.max() / 2 if values.size else 0
-        for i in range(values.shape[0]):
-            for j in range(values.shape[1]):
-                ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=8,
-                        color="white" if values[i, j] > high else "black")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    for ax, values, name, fmt in ((axes[0], cm, "counts", "d"),
+                                  (axes[1], norm, "row-normalised (recall on the diagonal)", ".2f")):
+        ConfusionMatrixDisplay(values, display_labels=classes).plot(ax=ax, cmap="Blues", values_format=fmt,
+                                                                    xticks_rotation=45)
+        ax.set(xlabel="predicted class", ylabel="true class", title=name)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -185,16 +179,13 @@ def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a best.pt or last.pt written by stage2_final.py (or stage 1's last.pt), a "
                                       "model file written by --export, or a run folder: its best.pt (else model.pt)")
     p.add_argument("--export", metavar="OUT.pt",
                    help="do not test: write the checkpoint's model alone (weights as trained, configuration, epoch, "
                         "validation accuracy; no optimizer state) to OUT.pt, for evaluate.py and predict.py")
-    p.add_argument("--data-dir", default="data",
-                   help="folder holding (or to receive) cifar-10-batches-py/ (default: data)")
-    p.add_argument("--no-download", action="store_true", help="fail instead of downloading CIFAR-10")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu (default: auto)")
+    add_common_flags(p)
     p.add_argument("--tta", action="store_true",
                    help="also report the accuracy of averaging each image's and its mirror's logits, as a separate "
                         "figure (default: off)")
@@ -203,18 +194,18 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.export:
-        return export_main(args.checkpoint, args.export)
-    try:
-        device = resolve_device(args.device)
-        path = checkpoint_file(args.checkpoint)
-        load_checkpoint(path)  # refuse a bad file before the slower dataset load
-        ds = load_cifar10(args.data_dir, download=not args.no_download)
-        m = evaluate_checkpoint(path, ds, device, tta=args.tta)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # the checkpoint's folder is not writable, or the disk is full
-        sys.exit(f"error: cannot write {e.filename!r}: {e.strerror}; the checkpoint itself is untouched")
+    code = run_main(lambda: export_main(args.checkpoint, args.export) if args.export else test_main(args),
+                    kept="the checkpoint itself is untouched", interrupted="interrupted")
+    if code:
+        sys.exit(code)
+
+
+def test_main(args):
+    device = resolve_device(args.device)
+    path = checkpoint_file(args.checkpoint)
+    load_checkpoint(path)  # refuse a bad file before the slower dataset load
+    ds = load_cifar10(args.data_dir, download=not args.no_download)
+    m = evaluate_checkpoint(path, ds, device, tta=args.tta)
     low, high = m["accuracy_ci95"]
     tta = f"; with mirror TTA {100 * m['tta']['accuracy']:.2f} %" if "tta" in m else ""
     print(f"test accuracy {100 * m['accuracy']:.2f} % (95 % interval {100 * low:.2f}-{100 * high:.2f}){tta}, "
@@ -223,12 +214,7 @@ def main(argv=None):
 
 
 def export_main(checkpoint: str, out: str):
-    try:
-        state = export_model(checkpoint, out)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: cannot write {e.filename!r}: {e.strerror}; the checkpoint itself is untouched")
+    state = export_model(checkpoint, out)
     val = state.get("early_stopping", {}).get("best_acc")
     val = f", validation accuracy {100 * val:.2f} %" if val is not None and val >= 0 else ""
     print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB): the model of epoch {state.get('epoch')}{val}, "

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from augment import eval_transform
 from data import CLASSES, DataError
 from checkpoint import load_checkpoint
-from cli import resolve_device
+from cli import DEVICE_HELP, OneLineParser, resolve_device
 from evaluate import EVAL_BATCH, model_from_checkpoint
 
 SIZE = 32  # CIFAR-10's images, all the model has seen
@@ -62,12 +62,12 @@ def format_top(name: str, probs: torch.Tensor, classes=CLASSES, k: int = TOP) ->
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a model file written by evaluate.py --export, a checkpoint (best.pt, last.pt) "
                                  "or a run folder: its best.pt (else model.pt)")
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files PIL can read (PNG, JPEG, ...), any size and mode: each becomes 32x32 RGB")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu (default: auto)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     return p.parse_args(argv)
 
 
@@ -78,7 +78,7 @@ def main(argv=None):
         model = model_from_checkpoint(load_checkpoint(args.model), device)
         # every image read before any is printed: one bad file stops the run with nothing half done
         images = torch.stack([load_image(path) for path in args.images])
-    except DataError as e:
+    except DataError as e:  # it writes nothing, so no other error of the project's can reach here
         sys.exit(f"error: {e}")
     for path, p in zip(args.images, predict(model, images)):
         print(format_top(path, p))

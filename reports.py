@@ -1,9 +1,11 @@
 """The reports each stage writes, built from what is on disk: stage 1's top-k file, summary.md and
 study plots from the study's trials; stage 2's report.md, comparison chart and pairwise McNemar tests
-from the models' rows and saved test predictions. Nothing here trains, so each is testable alone.
+from the models' rows (a finished model's from its test metrics, an unfinished one's from its last.pt
+and claim) and saved test predictions. Nothing here trains, so each is testable alone.
 (report.py holds the file writing, TensorBoard and the per-run plots they use.)
 """
 
+import contextlib
 import json
 import os
 import warnings
@@ -13,9 +15,11 @@ import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from checkpoint import load_checkpoint
+from data import DataError
 from report import code_version, plot_curves, write_json, write_text
 from stats import mcnemar, verdict
-from workers import completed_by_value
+from workers import CLAIM, completed_by_value, read_claim
 
 
 # ----------------------------------------------------------------------------- stage 1: the study
@@ -113,6 +117,30 @@ def _write_plots(study: optuna.Study, done: list, top_k: int, out_dir: str):
 
 
 # ----------------------------------------------------------------------------- stage 2: the final models
+
+
+def test_row(m: dict, run_dir: str) -> dict:
+    """A model's report fields from evaluate.py's metrics and its classification_report.txt."""
+    with open(os.path.join(run_dir, "classification_report.txt")) as f:
+        report = f.read()
+    return dict(test_acc=m["accuracy"], test_acc_ci95=m["accuracy_ci95"], precision=m["macro"]["precision"],
+                recall=m["macro"]["recall"], f1=m["macro"]["f1"], best_val_acc=m["val_acc"], best_epoch=m["epoch"],
+                val_minus_test_ci95=m.get("val_minus_test_ci95"), test_images=m["test_images"],
+                classification_report=report)
+
+
+def unfinished_row(row: dict, run_dir: str) -> dict:
+    """A model no worker has finished, as far as its last.pt and claim.json tell (row: what it is)."""
+    last, epochs, planned = os.path.join(run_dir, "last.pt"), 0, row["max_epochs"]
+    if os.path.isfile(last):
+        with contextlib.suppress(DataError):  # an unreadable last.pt is reported when a worker meets it
+            state = load_checkpoint(last)
+            # the run's own schedule, which --report-only's flags need not repeat
+            epochs, planned = state.get("epoch", 0), state["config"].get("epochs", planned)
+    holder = read_claim(os.path.join(run_dir, CLAIM))
+    who = f", being trained by {holder['host']} pid {holder['pid']}" if holder else ""
+    return {**row, "epochs_run": epochs, "stopped_early": False, "failure": "", "max_epochs": planned,
+            "unfinished": f"not finished yet ({epochs} of {epochs_phrase(planned)} in last.pt{who})"}
 
 
 def epochs_phrase(n: int) -> str:

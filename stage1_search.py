@@ -10,7 +10,6 @@ results/stage1/top3.json (top{K}.json with --top-k K) for stage 2.
 """
 
 import argparse
-import multiprocessing
 import os
 import sys
 import time
@@ -22,14 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from checkpoint import load_into, save_checkpoint
-from cli import (EXIT_TIME_LIMIT, OneLineParser, ResultsError, StoppedForTime, add_time_limit, check_writable, clock,
-                 continue_command, resolve_device)
+from cli import (EXIT_TIME_LIMIT, OneLineParser, ResultsError, StoppedForTime, add_common_flags, add_time_limit,
+                 check_positive, check_writable, clock, default_storage, nothing_fits, resolve_device, run_main)
 from data import DataError, find_cifar10, load_cifar10, train_val_splits
 from report import TensorBoardLogger, code_version, log_hparams, write_json
 from reports import top_file, write_reports
 from train import AMP_HELP, AMP_MODES, Diverged, TrainConfig, Trainer, add_recipe_flags, recipe_overrides, warmup_note
-from workers import (StorageError, StudyLock, TotalReached, WorkerStudy, completed_by_value, counts_toward_total,
-                     make_storage, make_study, process_identity, redact_url, requeue, storage_error)
+from workers import (TotalReached, best_so_far, completed_by_value, finished_count, open_worker_study,
+                     process_identity, redact_url, requeue, run_processes)
 
 
 def suggest_config(trial: optuna.Trial, base: TrainConfig) -> TrainConfig:
@@ -185,19 +184,13 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs (default: 6)")
     p.add_argument("--subset", type=float, default=0.2,
                    help="share of the 45,000 training images each trial trains on, stratified (default: 0.2)")
-    p.add_argument("--data-dir", default="data",
-                   help="folder holding (or to receive) cifar-10-batches-py/ (default: data)")
-    p.add_argument("--no-download", action="store_true", help="fail instead of downloading CIFAR-10")
-    p.add_argument("--results", default="results", help="output folder (default: results)")
-    p.add_argument("--storage", default=None,
-                   help="Optuna storage: an RDB URL (sqlite:///..., postgresql://user:password@host/db, "
-                        "mysql://...) or a journal file path for several processes on one machine "
-                        "(default: sqlite:///RESULTS/stage1.db); a password is shown as ***")
+    add_common_flags(p, results_help="output folder (default: results)",
+                     storage_help="Optuna storage: an RDB URL (sqlite:///..., postgresql://user:password@host/db, "
+                                  "mysql://...) or a journal file path for several processes on one machine "
+                                  "(default: sqlite:///RESULTS/stage1.db); a password is shown as ***")
     p.add_argument("--study-name", default="vit-cifar10", help="study name in the storage (default: vit-cifar10)")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the sampler and the training runs (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps "
-                                                    "(default: auto)")
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes on this machine, sharing the study's storage as workers on several "
                         "machines do; 2-4 can fill a big GPU with small proxy trials. On a CPU each process "
@@ -217,39 +210,17 @@ def parse_args(argv=None):
     add_recipe_flags(p)
     args = p.parse_args(argv)
     recipe_overrides(args, p)
-    for name in ("trials", "total", "epochs", "patience", "jobs", "top_k", "heartbeat"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    check_positive(p, args, ("trials", "total", "epochs", "patience", "jobs", "top_k", "heartbeat"))
     args.trials = args.total or args.trials or 40
     args.total = None
     if not 0.0 < args.subset <= 1.0:
         p.error(f"--subset must be in (0, 1], got {args.subset}")
-    if args.storage is None:
-        args.storage = f"sqlite:///{os.path.join(args.results, 'stage1.db')}"
+    default_storage(args)
     return args
 
 
-def open_worker_study(args) -> "WorkerStudy":
-    storage = make_storage(args.storage, args.heartbeat)
-    try:
-        study = make_study(storage, args.study_name, args.seed, worker=args.worker_index)
-        return WorkerStudy(study, StudyLock(args.storage), args.trials)
-    except Exception as e:  # RDB storages may connect lazily: a server that went away fails here
-        raise storage_error(args.storage, e) from None
-
-
-def _finished(study: optuna.Study) -> int:
-    return sum(counts_toward_total(t) for t in study.get_trials(deepcopy=False))
-
-
 def _stopped_for_time(study: optuna.Study, total: int) -> str:
-    return f"stopped for the time limit: {_finished(study)} of {total} trials finished"
-
-
-def _best_so_far(study: optuna.Study) -> str:
-    done = completed_by_value(study)
-    return f", best val acc {100 * done[0].value:.2f} % (trial {done[0].number})" if done else ""
+    return f"stopped for the time limit: {finished_count(study)} of {total} trials finished"
 
 
 def run(args, splits=None):
@@ -267,7 +238,8 @@ def run(args, splits=None):
     check_writable(out_dir)
     if splits is None:  # before the storage: a mistyped --data-dir must not leave an empty study behind
         find_cifar10(args.data_dir, download=not args.no_download)
-    study = open_worker_study(args)  # before any worker starts: the schema exists once they do
+    # Before any worker starts: the schema exists once they do.
+    study = open_worker_study(args.storage, args.study_name, args.seed, args.heartbeat, args.worker_index, args.trials)
     if args.jobs > 1:
         return run_workers(args, study, splits, out_dir)
     if splits is None:
@@ -281,7 +253,7 @@ def run(args, splits=None):
                           progress=not worker)  # --jobs' workers share one terminal: no progress bars
     who = f"worker {args.worker_index}: " if worker else ""
     if not worker:
-        tqdm.write(f"study {args.study_name!r} in {redact_url(args.storage)}: {_finished(study)} of {args.trials} "
+        tqdm.write(f"study {args.study_name!r} in {redact_url(args.storage)}: {finished_count(study)} of {args.trials} "
                    f"trials finished; running the rest on {device} ({len(splits.train_images)} training, "
                    f"{len(splits.val_images)} validation images)")
     note = warmup_note(base)
@@ -297,7 +269,7 @@ def run(args, splits=None):
         if resumed:
             why = f"(went on from trial {resumed['trial']}'s epoch {resumed['epoch']})"
         times.append(trial.user_attrs.get("train_time_s") or 0.0)
-        finished = _finished(study)
+        finished = finished_count(study)
         left = max(0, args.trials - finished)
         eta = f", about {clock(left * sum(times) / len(times) / args.jobs_running)} left" if left and times else ""
         tqdm.write(f"{who}trial {trial.number:4d} {trial.state.name:8s} val_acc {value}  best {best}  "
@@ -331,11 +303,9 @@ def run(args, splits=None):
         raise
     write_reports(study, out_dir, args.top_k)
     if stopped:
-        if not objective.epochs_trained:  # a limit shorter than one epoch would never get anywhere
-            raise StoppedForTime(f"{who}not one epoch fits in the time limit (the last took "
-                                 f"{objective.last_epoch_s or 0:.0f} s), so nothing was trained; give a longer "
-                                 f"--time-limit")
-        raise StoppedForTime(f"{who}{_stopped_for_time(study, args.trials)}{cut_where}{_best_so_far(study)}")
+        if not objective.epochs_trained:
+            raise nothing_fits(who, objective.last_epoch_s)
+        raise StoppedForTime(f"{who}{_stopped_for_time(study, args.trials)}{cut_where}{best_so_far(study)}")
     if not worker:
         done = completed_by_value(study)
         tqdm.write(f"done: {len(done)} completed trials; top {args.top_k} in "
@@ -345,34 +315,19 @@ def run(args, splits=None):
 
 def run_workers(args, study: optuna.Study, splits, out_dir: str):
     """--jobs N: N worker processes on the study's storage, the mechanism several machines use (and
-    that survives kill -9), rather than threads: threads of one process share a CUDA stream, one
-    autograd engine thread and the GIL, and one trial's crash would end them all."""
-    tqdm.write(f"study {args.study_name!r} in {redact_url(args.storage)}: {_finished(study)} of {args.trials} "
+    that survives kill -9)."""
+    tqdm.write(f"study {args.study_name!r} in {redact_url(args.storage)}: {finished_count(study)} of {args.trials} "
                f"trials finished; running the rest in {args.jobs} worker processes")
-    # spawn, not fork: a forked child of a process that has touched CUDA cannot use it.
-    ctx = multiprocessing.get_context("spawn")
-    procs = []
-    for k in range(args.jobs):
-        worker_args = argparse.Namespace(**{**vars(args), "jobs": 1, "worker_index": k + 1, "jobs_running": args.jobs})
-        procs.append(ctx.Process(target=_worker_main, args=(worker_args, splits), name=f"stage1-worker-{k + 1}"))
-    interrupted = False
-    try:
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.join()
-    except KeyboardInterrupt:  # the workers got the same Ctrl-C: let each save and stop
-        interrupted = True
-        for proc in procs:
-            proc.join()
-    codes = [proc.exitcode for proc in procs]
+    codes, interrupted = run_processes(_worker_main, [
+        (argparse.Namespace(**{**vars(args), "jobs": 1, "worker_index": k + 1, "jobs_running": args.jobs}), splits)
+        for k in range(args.jobs)], name="stage1-worker")
     write_reports(study, out_dir, args.top_k)
     if interrupted or 130 in codes:
         tqdm.write("interrupted: each worker's running trial is marked FAIL, finished trials are kept; run the same "
                    "command to continue the study")
         raise KeyboardInterrupt
     if EXIT_TIME_LIMIT in codes:
-        raise StoppedForTime(f"{_stopped_for_time(study, args.trials)}{_best_so_far(study)}; cut trials go on in "
+        raise StoppedForTime(f"{_stopped_for_time(study, args.trials)}{best_so_far(study)}; cut trials go on in "
                              f"the next run")
     failed = [f"worker {k + 1} (exit code {c})" for k, c in enumerate(codes) if c != 0]
     if failed:
@@ -392,25 +347,10 @@ def _worker_main(args, splits):
 
 def _run_main(args, splits=None) -> int:
     """run(), with the project's errors as one line on stderr; returns the exit code."""
-    try:
-        run(args, splits)
-    except StoppedForTime as e:
-        if args.worker_index:  # the --jobs parent gives the command that continues, once
-            print(e, file=sys.stderr)
-        else:
-            argv = getattr(args, "argv", None)
-            print(f"{e}; continue with: {continue_command('stage1_search.py', argv, redact_url)}", file=sys.stderr)
-        return EXIT_TIME_LIMIT
-    except (DataError, StorageError, ResultsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # during the run: a full disk, a results folder removed or made read-only
-        print(f"error: cannot write {e.filename or args.results!r}: {e.strerror or e}; "
-              f"the trials told to the study so far are kept", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    # The --jobs parent gives the command that continues, once, for all its workers.
+    return run_main(lambda: run(args, splits), script=None if args.worker_index else "stage1_search.py",
+                    argv=getattr(args, "argv", None), redact=redact_url, unnamed=args.results,
+                    kept="the trials told to the study so far are kept")
 
 
 def main(argv=None):

@@ -4,11 +4,12 @@
     python stage2_final.py --trials 12 31 7     # these trials of the study
     python stage2_final.py --config top3.json   # exactly these configurations, no study needed
 
-Each model trains from scratch, with early stopping on the fixed 5,000 validation images, into
-results/stage2/<model>/: config.json, TensorBoard curves, best.pt and last.pt (everything needed
-to continue, so running the same command again after an interruption picks up at the next epoch;
---fresh starts over) and curves.png. evaluate.py then tests each best.pt on the 10,000 test images,
-and results/stage2/report.md and comparison.png put the models side by side.
+candidates.py turns the study or the file into the models to train. Each model trains from
+scratch, with early stopping on the fixed 5,000 validation images, into results/stage2/<model>/:
+config.json, TensorBoard curves, best.pt and last.pt (everything needed to continue, so running the
+same command again after an interruption picks up at the next epoch; --fresh starts over) and
+curves.png. evaluate.py then tests each best.pt on the 10,000 test images, and
+results/stage2/report.md and comparison.png put the models side by side.
 
 Several workers (processes, GPUs, machines sharing the folder) may run the same command on one
 results folder: each model is trained by the one worker holding its claim.json, a finished model
@@ -17,147 +18,28 @@ last worker to finish writes the report (--report-only rebuilds it from the fold
 """
 
 import argparse
-import contextlib
-import json
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-import optuna
-from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from candidates import CONFIG_KEYS, SCHEDULE_FLAGS, Candidate, candidates_from_file, candidates_from_study
 from checkpoint import load_into, save_checkpoint
-from cli import (EXIT_TIME_LIMIT, OneLineParser, ResultsError, StoppedForTime, add_time_limit, check_writable, clock,
-                 continue_command, resolve_device)
+from cli import (OneLineParser, StoppedForTime, add_common_flags, add_time_limit, check_positive, check_writable,
+                 default_storage, epoch_line, nothing_fits, resolve_device, run_main)
 from data import DataError, find_cifar10, load_cifar10, train_val_splits
-from evaluate import TEST_OUTPUTS, evaluate_checkpoint, load_checkpoint
+from evaluate import TEST_OUTPUTS, evaluate_checkpoint
 from report import TensorBoardLogger, code_version, log_hparams, plot_curves, write_json
-from reports import epochs_phrase, write_report
-from train import (AMP_HELP, AMP_MODES, COMPILE_MODES, Diverged, TrainConfig, Trainer, add_recipe_flags,
+from reports import epochs_phrase, test_row, unfinished_row, write_report
+from train import (AMP_HELP, AMP_MODES, COMPILE_HELP, COMPILE_MODES, Diverged, Trainer, add_recipe_flags,
                    recipe_overrides, warmup_note)
-from workers import (CLAIM, StorageError, completed_by_value, make_storage, process_identity, read_claim, read_json,
-                     redact_url, release_claim, storage_error, take_claim)
+from workers import DONE, finished_row, process_identity, redact_url, release_claim, take_claim
 
-CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
-SCHEDULE_FLAGS = {"epochs": "--epochs", "patience": "--patience", "subset_ratio": "--subset"}  # stage 2's, not a file's
-DONE = "done.json"  # in a model's folder: its finished report row (CLAIM: who is training it)
 # Everything a run writes into its folder; --fresh removes exactly these, nothing a person put there
 # (metrics.json: what evaluate.py called test_metrics.json before it stopped overwriting stage 1's).
 RUN_OUTPUTS = ("last.pt", "best.pt", "curves.png", "metrics.json", *TEST_OUTPUTS, DONE)
-
-
-@dataclass
-class Candidate:
-    name: str  # its folder under results/stage2/, e.g. trial_0012 or config_0
-    config: TrainConfig  # the stage-2 configuration: stage 1's with stage 2's epochs, patience and all the data
-    source: str  # where the configuration came from, in words, for config.json and the report
-    stage1_val_acc: float | None = None
-
-
-def stage2_config(d: dict, args) -> TrainConfig:
-    # Recipe flags given on the command line win over the configuration's own values.
-    return TrainConfig.from_dict({**d, **recipe_overrides(args), "epochs": args.epochs, "patience": args.patience,
-                                  "subset_ratio": args.subset})
-
-
-# ----------------------------------------------------------------------------- where configurations come from
-
-
-def open_study(args) -> optuna.Study:
-    url = args.storage
-    # make_storage would create a missing SQLite or journal file, and then report an empty study.
-    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else (url if "://" not in url else None)
-    if path is not None and not os.path.isfile(path):
-        raise StorageError(f"no stage-1 storage at {path}; run stage1_search.py first, point --storage (or --results) "
-                           f"at its output, or pass --config")
-    storage = make_storage(url, heartbeat=60)
-    try:
-        names = optuna.study.get_all_study_names(storage)
-    except Exception as e:  # RDB storages may connect lazily
-        raise storage_error(url, e) from None
-    if args.study_name not in names:
-        held = ", ".join(repr(n) for n in names) or "none"
-        raise StorageError(f"no study {args.study_name!r} in {redact_url(url)} (it holds: {held}); pass --study-name")
-    return optuna.load_study(study_name=args.study_name, storage=storage)
-
-
-def candidates_from_study(args) -> list:
-    return candidates_from_trials(open_study(args), args)
-
-
-def candidates_from_trials(study: optuna.Study, args) -> list:
-    """The chosen trials of the study, as stage-2 candidates; args.storage only names where they come from."""
-    # Into config.json, the report and the log: never the storage's password.
-    where = f"study {args.study_name!r} in {redact_url(args.storage)}"
-    if args.trials:
-        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-        missing = [n for n in args.trials if n not in by_number]
-        if missing:
-            raise StorageError(f"{where} has no trial {', '.join(map(str, missing))} "
-                               f"(its trials are numbered 0 to {len(by_number) - 1})")
-        chosen = [by_number[n] for n in dict.fromkeys(args.trials)]  # a number given twice trains once
-        for t in chosen:
-            if not t.params:
-                raise StorageError(f"trial {t.number} of {where} is {t.state.name} and has no configuration yet")
-            if t.state != TrialState.COMPLETE:
-                tqdm.write(f"note: trial {t.number} is {t.state.name}, not COMPLETE; retraining it as asked")
-    else:
-        completed = completed_by_value(study)
-        if not completed:
-            raise StorageError(f"{where} has no completed trial yet ({len(study.trials)} trials in all); "
-                               f"let stage1_search.py finish one, or pass --config")
-        chosen = completed[:args.top_k]
-        if len(chosen) < args.top_k:
-            tqdm.write(f"note: {where} has only {len(chosen)} completed trial(s); retraining those instead of "
-                       f"the top {args.top_k}")
-    # params win over the stored config: they are what Optuna proposed, and every key is a TrainConfig field.
-    return [Candidate(f"trial_{t.number:04d}", stage2_config({**t.user_attrs.get("config", {}), **t.params}, args),
-                      f"stage-1 trial {t.number} of {where}", t.value)
-            for t in chosen]
-
-
-def candidates_from_file(path: str, args) -> list:
-    """One configuration or a list: TrainConfig keys (top3.json's params), or whole top3.json entries."""
-    try:
-        with open(path) as f:
-            entries = json.load(f)
-    except OSError as e:
-        raise DataError(f"cannot read --config {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"--config {path} is not valid JSON: {e}") from None
-    if isinstance(entries, dict):
-        entries = [entries]
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
-        raise DataError(f"--config {path} must hold a configuration (a JSON object) or a non-empty list of them")
-    candidates, names = [], set()
-    for i, entry in enumerate(entries):
-        number, val_acc = entry.get("number"), entry.get("val_acc")
-        if "params" in entry:  # a top3.json entry: its full config (stage 1's schedule), Optuna's params on top
-            d = {**(entry.get("config") or {}), **entry["params"]}
-        else:
-            d, number, val_acc = entry, None, None
-            # Stage 2's schedule comes from its flags; a file's value would be silently overridden.
-            scheduled = [k for k in SCHEDULE_FLAGS if k in d]
-            if scheduled:
-                raise DataError(f"--config {path}, configuration {i}: {', '.join(scheduled)} is set by "
-                                f"{', '.join(SCHEDULE_FLAGS[k] for k in scheduled)} for every model, not by the file; "
-                                f"remove it from the file")
-        unknown = sorted(set(d) - set(CONFIG_KEYS))
-        if unknown:
-            raise DataError(f"--config {path}, configuration {i}: unknown key(s) {', '.join(unknown)}; "
-                            f"known keys: {', '.join(k for k in CONFIG_KEYS if k not in SCHEDULE_FLAGS)}")
-        try:
-            cfg = stage2_config(d, args)
-        except (TypeError, ValueError) as e:
-            raise DataError(f"--config {path}, configuration {i}: {e}") from None
-        name = f"trial_{number:04d}" if isinstance(number, int) else f"config_{i}"
-        name = name if name not in names else f"config_{i}"
-        names.add(name)
-        origin = f" (stage-1 trial {number})" if isinstance(number, int) else ""
-        candidates.append(Candidate(name, cfg, f"configuration {i} of {path}{origin}", val_acc))
-    return candidates
 
 
 # ----------------------------------------------------------------------------- sharing the models between workers
@@ -168,44 +50,14 @@ def _other_config(c: Candidate, path: str) -> DataError:
                      f"over, or --results to write elsewhere")
 
 
-def finished_row(c: Candidate, run_dir: str, fresh_since: float | None = None) -> dict | None:
-    """The model's report row if a worker has trained and tested it (its done.json), else None.
-
-    fresh_since (--fresh: when this worker started): a model finished before then is to be done
-    again; one finished since is another worker's share of the same fresh start.
-    """
-    path = os.path.join(run_dir, DONE)
-    try:
-        row = read_json(path)
-        if row is not None and not isinstance(row, dict):
-            raise ValueError
-    except (OSError, ValueError):
-        raise DataError(f"{path} is unreadable; delete it to train and test {c.name} again") from None
-    if row is None:
-        return None
-    if fresh_since is not None and row.get("finished_at", 0) < fresh_since:
-        return None
-    if row.get("config") != c.config.to_dict():
-        raise _other_config(c, path)
-    return row
+def finished(c: Candidate, run_dir: str, fresh_since: float | None = None) -> dict | None:
+    """The model's report row if a worker has trained and tested it, else None (workers.finished_row)."""
+    return finished_row(run_dir, c.config.to_dict(), lambda path: _other_config(c, path), fresh_since)
 
 
 def row_from_disk(c: Candidate, run_dir: str) -> dict:
     """What the report says about a model: its finished row, or how far it has got."""
-    row = finished_row(c, run_dir)
-    if row is not None:
-        return row
-    last, epochs, planned = os.path.join(run_dir, "last.pt"), 0, c.config.epochs
-    if os.path.isfile(last):
-        with contextlib.suppress(DataError):  # an unreadable last.pt is reported when a worker meets it
-            state = load_checkpoint(last)
-            # the run's own schedule, which --report-only's flags need not repeat
-            epochs, planned = state.get("epoch", 0), state["config"].get("epochs", planned)
-    holder = read_claim(os.path.join(run_dir, CLAIM))
-    who = f", being trained by {holder['host']} pid {holder['pid']}" if holder else ""
-    return {**_row(c), "epochs_run": epochs, "stopped_early": False, "failure": "",
-            "max_epochs": planned,
-            "unfinished": f"not finished yet ({epochs} of {epochs_phrase(planned)} in last.pt{who})"}
+    return finished(c, run_dir) or unfinished_row(_row(c), run_dir)
 
 
 # ----------------------------------------------------------------------------- training one model
@@ -217,21 +69,24 @@ def clear_run(run_dir: str):
             os.remove(os.path.join(run_dir, name))
 
 
-def resume(trainer: Trainer, c: Candidate, last: str):
-    """Load last.pt into the trainer, or refuse one this run cannot continue; it is never overwritten silently."""
-    load_into(trainer, last, again="pass --fresh to start it over (its checkpoints are deleted), or --results to "
-                                   "write elsewhere", other_config=lambda: _other_config(c, last))
+@dataclass
+class Progress:
+    """What one stage-2 process carries from model to model."""
+    deadline: float | None = None  # --time-limit's end, time.monotonic()
+    last_epoch_s: float | None = None  # the latest epoch's wall time: the next model's first epoch is judged by it
+    epochs_trained: int = 0  # by this process, over all its models
 
 
-def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
+def train_model(c: Candidate, splits, args, device, run_dir: str, progress: Progress) -> dict:
     """Train (or resume, or skip if done) one model; return its training summary."""
     last, best = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     os.makedirs(run_dir, exist_ok=True)
     cfg, s = c.config, splits
     trainer = Trainer(cfg, s.train_images, s.train_labels, s.val_images, s.val_labels, device, amp=args.amp,
                       compile=args.compile)
-    if os.path.isfile(last) and not args.fresh:
-        resume(trainer, c, last)
+    if os.path.isfile(last) and not args.fresh:  # one this run cannot continue is refused, never overwritten
+        load_into(trainer, last, again="pass --fresh to start it over (its checkpoints are deleted), or --results to "
+                                       "write elsewhere", other_config=lambda: _other_config(c, last))
         if not trainer.replays_exactly:
             tqdm.write(f"note: {last} was written on another kind of device, whose random stream cannot carry over "
                        f"here: the run goes on, but not exactly as an uninterrupted one would have")
@@ -258,7 +113,7 @@ def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
         first_epoch = trainer.epoch
 
         def on_epoch(t: Trainer, record: dict):
-            args.epochs_trained = getattr(args, "epochs_trained", 0) + 1  # by this run, over all its models
+            progress.epochs_trained += 1
             state = t.state_dict()
             # best.pt before last.pt: a kill between the two then replays this epoch rather than
             # leaving a last.pt whose best epoch has no best.pt.
@@ -266,21 +121,13 @@ def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
                 save_checkpoint(state, best)
             save_checkpoint(state, last)
             tensorboard(t, record)
-            recent = [r.get("epoch_s", r["epoch_time"]) for r in t.history[-5:]]
-            left = (cfg.epochs - t.epoch) * sum(recent) / len(recent)
-            eta = f", at most {clock(left)} left" if left > 0 else ""  # early stopping may end it sooner
-            tqdm.write(f"{c.name} epoch {record['epoch']:3d}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
-                       f"acc {100 * record['train_acc']:.2f} %, val loss {record['val_loss']:.4f} "
-                       f"acc {100 * record['val_acc']:.2f} %"
-                       f"{' (best)' if record['is_best'] else ''}, lr {record['lr']:.2e}, {record['epoch_time']:.0f}s"
-                       f"{eta}")
+            tqdm.write(epoch_line(c.name, record, t.history, cfg.epochs))
 
         try:
             # A model's first epoch is judged by the last model's: the best guess there is.
-            trainer.fit(on_epoch, deadline=getattr(args, "deadline", None),
-                        epoch_estimate_s=getattr(args, "last_epoch_s", None))
+            trainer.fit(on_epoch, deadline=progress.deadline, epoch_estimate_s=progress.last_epoch_s)
             if trainer.history:
-                args.last_epoch_s = trainer.history[-1].get("epoch_s")
+                progress.last_epoch_s = trainer.history[-1].get("epoch_s")
         except Diverged as e:
             # Keep going: best.pt, from before the divergence, is still a model worth testing.
             tqdm.write(f"{c.name}: {e}; evaluating its best checkpoint")
@@ -288,11 +135,9 @@ def train_model(c: Candidate, splits, args, device, run_dir: str) -> dict:
         finally:
             tensorboard.close()
         if trainer.stopped_for_time:
-            if not getattr(args, "epochs_trained", 0):  # a limit shorter than one epoch would never get anywhere
+            if not progress.epochs_trained:
                 final = trainer.history[-1] if trainer.history else {}
-                took = f" (the last took {final.get('epoch_s', final.get('epoch_time', 0)):.0f} s)" if final else ""
-                raise StoppedForTime(f"{c.name}: not one epoch fits in the time limit{took}, so nothing was "
-                                     f"trained; give a longer --time-limit")
+                raise nothing_fits(f"{c.name}: ", final.get("epoch_s", final.get("epoch_time")))
             if trainer.epoch == first_epoch:
                 raise StoppedForTime(f"{c.name} not started: its first epoch would not end within the time limit")
             raise StoppedForTime(f"{c.name} stopped for the time limit after epoch {trainer.epoch} of {cfg.epochs} "
@@ -316,18 +161,13 @@ def _row(c: Candidate) -> dict:
             "max_epochs": c.config.epochs}
 
 
-def train_and_test(c: Candidate, splits, ds, args, device, run_dir: str):
+def train_and_test(c: Candidate, splits, ds, args, device, run_dir: str, progress: Progress | None = None):
     """Train one model, test its best checkpoint, and mark it done with its report row."""
-    row = train_model(c, splits, args, device, run_dir)
+    row = train_model(c, splits, args, device, run_dir, progress or Progress())
     best = os.path.join(run_dir, "best.pt")
     if os.path.isfile(best):
         m = evaluate_checkpoint(best, ds, device)
-        with open(os.path.join(run_dir, "classification_report.txt")) as f:
-            report = f.read()
-        row.update(test_acc=m["accuracy"], test_acc_ci95=m["accuracy_ci95"], precision=m["macro"]["precision"],
-                   recall=m["macro"]["recall"], f1=m["macro"]["f1"], best_val_acc=m["val_acc"], best_epoch=m["epoch"],
-                   val_minus_test_ci95=m.get("val_minus_test_ci95"), test_images=m["test_images"],
-                   classification_report=report)
+        row.update(test_row(m, run_dir))
         log_hparams(run_dir, {**c.config.to_dict(), "model": c.name},
                     {"test_acc": m["accuracy"], "best_val_acc": m["val_acc"], "epochs_run": row["epochs_run"]})
         tqdm.write(f"{c.name}: test accuracy {100 * m['accuracy']:.2f} % (best val acc {100 * m['val_acc']:.2f} %), "
@@ -359,42 +199,29 @@ def parse_args(argv=None):
                         "(models other workers finish after this one started are kept)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rebuild report.md from the models' folders as they are now")
-    p.add_argument("--data-dir", default="data",
-                   help="folder holding (or to receive) cifar-10-batches-py/ (default: data)")
-    p.add_argument("--no-download", action="store_true", help="fail instead of downloading CIFAR-10")
-    p.add_argument("--results", default="results",
-                   help="output folder: reads stage 1's study there, writes RESULTS/stage2/ (default: results)")
-    p.add_argument("--storage", default=None,
-                   help="stage 1's Optuna storage: an RDB URL or a journal file path "
-                        "(default: sqlite:///RESULTS/stage1.db)")
+    add_common_flags(p, results_help="output folder: reads stage 1's study there, writes RESULTS/stage2/ "
+                                     "(default: results)",
+                     storage_help="stage 1's Optuna storage: an RDB URL or a journal file path "
+                                  "(default: sqlite:///RESULTS/stage1.db)")
     p.add_argument("--study-name", default="vit-cifar10",
                    help="stage 1's study name in the storage (default: vit-cifar10)")
     p.add_argument("--subset", type=float, default=1.0,
                    help="share of the 45,000 training images each model trains on, stratified, as stage 1's --subset; "
                         "for a quick look at the whole pipeline (default: 1.0, all of them)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps "
-                                                    "(default: auto)")
     p.add_argument("--amp", choices=AMP_MODES, default="auto", help=AMP_HELP)
-    p.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
-                   help="torch.compile the model: --compile alone is torch's default mode; reduce-overhead adds CUDA "
-                        "graphs, which cut the launch overhead that bounds small models on big GPUs. Stage 2's "
-                        "shape is fixed for its whole run, so the one compile (tens of seconds) can repay itself "
-                        "on a GPU; on a CPU it measured no gain (default: off, on every device)")
+    p.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES, help=COMPILE_HELP)
     add_time_limit(p)
     add_recipe_flags(p)
     args = p.parse_args(argv)
     recipe_overrides(args, p)
-    for name in ("top_k", "epochs", "patience"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_positive(p, args, ("top_k", "epochs", "patience"))
     if args.report_only and args.fresh:
         p.error("--report-only trains nothing, so --fresh has nothing to start over")
     if args.trials is not None and min(args.trials) < 0:
         p.error(f"--trials takes trial numbers (0 or more), got {min(args.trials)}")
     if not 0.0 < args.subset <= 1.0:
         p.error(f"--subset must be in (0, 1], got {args.subset}")
-    if args.storage is None:
-        args.storage = f"sqlite:///{os.path.join(args.results, 'stage1.db')}"
+    default_storage(args)
     return args
 
 
@@ -403,7 +230,7 @@ def run(args, ds=None) -> list:
     them all if none is left; `ds` (tests) replaces CIFAR-10. Returns every model's row, as far as it got."""
     started = time.time()
     limit = getattr(args, "time_limit", None)
-    args.deadline = None if limit is None else time.monotonic() + limit
+    progress = Progress(deadline=None if limit is None else time.monotonic() + limit)
     device = None if args.report_only else resolve_device(args.device)
     # Configurations first: a missing study should fail in a second, not after loading the data.
     candidates = candidates_from_file(args.config, args) if args.config else candidates_from_study(args)
@@ -422,7 +249,7 @@ def run(args, ds=None) -> list:
     fresh_since = started if args.fresh else None
     todo = []
     for c in candidates:
-        if finished_row(c, run_dirs[c.name], fresh_since) is None:
+        if finished(c, run_dirs[c.name], fresh_since) is None:
             todo.append(c)
         else:
             tqdm.write(f"{c.name}: already trained and tested; skipping it (delete its {DONE} to test it again)")
@@ -438,8 +265,8 @@ def run(args, ds=None) -> list:
             continue
         try:
             # Checked again under the claim: another worker may have finished it since the list was made.
-            if finished_row(c, run_dir, fresh_since) is None:
-                train_and_test(c, splits, ds, args, device, run_dir)
+            if finished(c, run_dir, fresh_since) is None:
+                train_and_test(c, splits, ds, args, device, run_dir, progress)
         finally:
             release_claim(run_dir)
     rows = [row_from_disk(c, run_dirs[c.name]) for c in candidates]
@@ -457,21 +284,13 @@ def run(args, ds=None) -> list:
 
 def main(argv=None, ds=None):
     args = parse_args(argv)
-    try:
-        run(args, ds)
-    except StoppedForTime as e:
-        print(f"{e}; continue with: {continue_command('stage2_final.py', argv, redact_url)}", file=sys.stderr)
-        sys.exit(EXIT_TIME_LIMIT)
-    except (DataError, StorageError, ResultsError) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # a full disk, or a results folder that stopped being writable mid-run
-        what = f" {e.filename!r}" if e.filename else ""
-        sys.exit(f"error: cannot write{what}: {e.strerror or e}; each model's last.pt and best.pt keep its last "
-                 f"finished epoch: free some space (or fix --results) and run the same command again")
-    except KeyboardInterrupt:
-        print("interrupted: each model's last.pt holds its last finished epoch; run the same command to continue",
-              file=sys.stderr)
-        sys.exit(130)
+    code = run_main(lambda: run(args, ds), script="stage2_final.py", argv=argv, redact=redact_url,
+                    kept="each model's last.pt and best.pt keep its last finished epoch: free some space (or fix "
+                         "--results) and run the same command again",
+                    interrupted="interrupted: each model's last.pt holds its last finished epoch; run the same "
+                                "command to continue")
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

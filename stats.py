@@ -9,17 +9,15 @@ Exact methods only, so that a small test set or a rare class gets an honest answ
 """
 
 import numpy as np
-from scipy.stats import beta, binomtest
+from scipy.stats import binomtest
 
 
 def accuracy_interval(correct: int, total: int, level: float = 0.95) -> tuple:
-    """Clopper-Pearson interval (low, high) of correct/total, as fractions."""
+    """Clopper-Pearson interval (low, high) of correct/total, as fractions (0/n and n/n included)."""
     if total <= 0 or not 0 <= correct <= total:
         raise ValueError(f"need 0 <= correct <= total and total > 0, got {correct}/{total}")
-    tail = (1 - level) / 2
-    low = 0.0 if correct == 0 else float(beta.ppf(tail, correct, total - correct + 1))
-    high = 1.0 if correct == total else float(beta.ppf(1 - tail, correct + 1, total - correct))
-    return low, high
+    ci = binomtest(correct, total).proportion_ci(confidence_level=level, method="exact")
+    return float(ci.low), float(ci.high)
 
 
 def mcnemar(correct_a, correct_b) -> dict:

@@ -3,18 +3,22 @@
 Stage 1's workers share an Optuna storage: opening it (and redacting its password wherever it is
 shown), the lock that serialises what two workers must not do at once (create the schema, fail a
 dead worker's trial and queue it again, start the last trial of a total), telling a dead worker of
-this machine from a live one, and the exact total. Stage 2's workers share a results folder: each
-model is trained by the one worker holding its claim file. Neither stage's own logic lives here.
+this machine from a live one, the exact total, and --jobs' worker processes. Stage 2's workers
+share a results folder: each model is trained by the one worker holding its claim file, and a
+finished one is marked by its done.json. Neither stage's own logic lives here.
 
 Written here rather than taken from a library where the library falls short:
 - process identity and liveness: psutil's create_time drifts with the wall clock, so a recycled
   pid could pass for the dead worker; /proc's start time in clock ticks since boot does not;
 - the locked exact total: Optuna's MaxTrialsCallback overshoots by up to one trial per worker;
-- the takeover of a dead local worker's trial: JournalStorage has no heartbeat.
+- the takeover of a dead local worker's trial: JournalStorage has no heartbeat;
+- the file lock, a blocking flock: filelock.FileLock polls, which let a late worker jump the queue
+  (file_lock says what was measured); it is used only where there is no flock (Windows).
 """
 
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -25,21 +29,19 @@ import warnings
 
 try:
     import fcntl
-except ImportError:  # Windows: no advisory locks; the retry in _make_storage still covers the race
+except ImportError:  # Windows
     fcntl = None
 
 import optuna
+from filelock import FileLock
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from cli import StorageError
 from data import DataError
 
 
 # ----------------------------------------------------------------------------- storage and study
-
-
-class StorageError(RuntimeError):
-    """The Optuna storage cannot be opened; the message says which and why."""
 
 
 def redact_url(url: str) -> str:
@@ -145,15 +147,24 @@ class StudyLock:
         return file_lock(self.path)
 
 
-@contextlib.contextmanager
 def file_lock(path):
-    """An exclusive advisory lock on `path` (created if missing); no-op for None or without fcntl.
-    Each call opens the file anew, so two threads of one process exclude each other too."""
-    if path is None or fcntl is None:
-        yield
-        return
+    """An exclusive lock on `path` (created if missing, kept after), or no lock for None. A new lock per
+    call, each with its own descriptor, so that two threads of one process exclude each other too.
+
+    A blocking flock where there is one, filelock.FileLock (on Windows) where not: FileLock polls every
+    50 ms, and a worker that arrives while others wait can take the lock between two polls. Measured on
+    tests/test_stage1_workers.py's four workers started at once: with FileLock one of them found the
+    total taken before it got its turn in 2 of 3 runs, with flock in none of 3.
+    """
+    if path is None:
+        return contextlib.nullcontext()
+    return FileLock(path) if fcntl is None else _flock(path)
+
+
+@contextlib.contextmanager
+def _flock(path):
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_EX)  # the kernel wakes a waiter the moment the holder lets go
         try:
             yield
         finally:
@@ -175,6 +186,57 @@ def make_study(storage, study_name: str, seed: int, worker: int = 0) -> optuna.S
         seed=seed + len(study.trials) + 100_003 * worker, n_startup_trials=10, multivariate=True, constant_liar=True
     )
     return study
+
+
+def open_existing_study(url: str, study_name: str) -> optuna.Study:
+    """Stage 2's view of stage 1's study: one that must exist already, with a line that says where it looked."""
+    # make_storage would create a missing SQLite or journal file, and then report an empty study.
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else (url if "://" not in url else None)
+    if path is not None and not os.path.isfile(path):
+        raise StorageError(f"no stage-1 storage at {path}; run stage1_search.py first, point --storage (or --results) "
+                           f"at its output, or pass --config")
+    storage = make_storage(url, heartbeat=60)
+    try:
+        names = optuna.study.get_all_study_names(storage)
+    except Exception as e:  # RDB storages may connect lazily
+        raise storage_error(url, e) from None
+    if study_name not in names:
+        held = ", ".join(repr(n) for n in names) or "none"
+        raise StorageError(f"no study {study_name!r} in {redact_url(url)} (it holds: {held}); pass --study-name")
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def open_worker_study(url: str, study_name: str, seed: int, heartbeat: int, worker: int = 0,
+                      total: int | None = None) -> "WorkerStudy":
+    """Stage 1's study for one worker, created if new, that stops asking once `total` trials are in hand."""
+    storage = make_storage(url, heartbeat)
+    try:
+        study = make_study(storage, study_name, seed, worker=worker)
+        return WorkerStudy(study, StudyLock(url), total)
+    except Exception as e:  # RDB storages may connect lazily: a server that went away fails here
+        raise storage_error(url, e) from None
+
+
+def run_processes(target, arg_tuples: list, name: str) -> tuple:
+    """One spawned process per argument tuple, all waited for: (their exit codes, whether Ctrl-C came).
+
+    Processes rather than threads: threads of one process share a CUDA stream, one autograd engine
+    thread and the GIL, and one crash would end them all. Spawned, not forked: a forked child of a
+    process that has touched CUDA cannot use it.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=target, args=a, name=f"{name}-{k + 1}") for k, a in enumerate(arg_tuples)]
+    interrupted = False
+    try:
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+    except KeyboardInterrupt:  # the processes got the same Ctrl-C: let each save and stop
+        interrupted = True
+        for proc in procs:
+            proc.join()
+    return [proc.exitcode for proc in procs], interrupted
 
 
 # ----------------------------------------------------------------------------- workers that die
@@ -325,9 +387,20 @@ def completed_by_value(study: optuna.Study) -> list:
     return sorted(trials, key=lambda t: t.value, reverse=True)
 
 
+def finished_count(study: optuna.Study) -> int:
+    """The trials that count toward the total so far, every worker's."""
+    return sum(counts_toward_total(t) for t in study.get_trials(deepcopy=False))
+
+
+def best_so_far(study: optuna.Study) -> str:
+    done = completed_by_value(study)
+    return f", best val acc {100 * done[0].value:.2f} % (trial {done[0].number})" if done else ""
+
+
 # ----------------------------------------------------------------------------- stage 2: one worker per model
 
 CLAIM = "claim.json"  # in a model's folder: who is training it
+DONE = "done.json"  # in a model's folder: its finished report row, written last
 
 
 def read_json(path: str):
@@ -395,3 +468,27 @@ def release_claim(run_dir: str):
     me = process_identity()
     if holder is not None and (holder["host"], holder["pid"]) == (me["host"], me["pid"]):
         os.remove(path)
+
+
+def finished_row(run_dir: str, config: dict, other_config, fresh_since: float | None = None) -> dict | None:
+    """The model's report row if a worker has trained and tested it (its done.json), else None.
+
+    other_config(path): the error for a row of another configuration than `config`. fresh_since
+    (--fresh: when this worker started): a model finished before then is to be done again; one
+    finished since is another worker's share of the same fresh start.
+    """
+    path = os.path.join(run_dir, DONE)
+    try:
+        row = read_json(path)
+        if row is not None and not isinstance(row, dict):
+            raise ValueError
+    except (OSError, ValueError):
+        raise DataError(f"{path} is unreadable; delete it to train and test {os.path.basename(run_dir)} "
+                        f"again") from None
+    if row is None:
+        return None
+    if fresh_since is not None and row.get("finished_at", 0) < fresh_since:
+        return None
+    if row.get("config") != config:
+        raise other_config(path)
+    return row

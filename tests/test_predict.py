@@ -78,8 +78,10 @@ def test_export_cli_and_run_folders(tmp_path, half_trained, capsys):
     es = torch.load(half_trained, weights_only=True)["early_stopping"]
     assert capsys.readouterr().out == (f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB): the model of epoch 2, "
                                        f"validation accuracy {100 * es['best_acc']:.2f} %, without optimizer state\n")
-    with pytest.raises(SystemExit, match="^error: --export .* would replace the checkpoint itself"):
+    with pytest.raises(SystemExit) as stop:
         evaluate.main(["--export", str(half_trained), str(half_trained)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and re.match(r"error: --export .* would replace the checkpoint itself", err), err
     assert "optimizer" in torch.load(half_trained, weights_only=True)
 
     # A folder stands for its best.pt, and a shipped folder (model.pt alone) for its model file.

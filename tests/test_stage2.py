@@ -11,13 +11,14 @@ import torch
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+import candidates
 import cli
 import stage2_final
 import train
 from conftest import synthetic_cifar
 from data import DataError, train_val_splits
 from report import TensorBoardLogger
-from stage1_search import write_reports
+from reports import write_reports
 from workers import StorageError, make_storage
 from stage2_final import parse_args, run
 from train import TrainConfig, Trainer
@@ -368,7 +369,7 @@ def test_a_storage_password_is_never_printed_or_written(tmp_path, ds, capsys):
     # the password (an SQLite URL cannot carry one, so the study is read from a file).
     study = tiny_study(tmp_path, [(TrialState.COMPLETE, 0.5, 3e-3)])
     args = args_for(tmp_path, "--storage", SECRET_URL, "--epochs", "1")
-    (c,) = stage2_final.candidates_from_trials(study, args)
+    (c,) = candidates.candidates_from_trials(study, args)
     run_dir = str(tmp_path / "stage2" / c.name)
     stage2_final.train_and_test(c, train_val_splits(ds), ds, args, torch.device("cpu"), run_dir)
     stage2_final.write_report([stage2_final.row_from_disk(c, run_dir)], str(tmp_path / "stage2"), args)

@@ -1,0 +1,78 @@
+"""cli.py: the one main() wrapper's exit codes and lines, the shared flags, the epoch line and the clock."""
+
+import errno
+
+import pytest
+
+import cli
+from data import DataError
+
+
+def outcome(capsys, work, **kw):
+    code = cli.run_main(work, kept="the last epoch is kept", **kw)
+    return code, capsys.readouterr().err
+
+
+def raises(e):
+    def work():
+        raise e
+    return work
+
+
+def test_each_kind_of_end_is_one_line_and_its_exit_code(capsys):
+    assert outcome(capsys, lambda: None) == (0, "")
+    assert outcome(capsys, raises(DataError("no CIFAR-10 at x"))) == (1, "error: no CIFAR-10 at x\n")
+    assert outcome(capsys, raises(cli.StorageError("cannot open it"))) == (1, "error: cannot open it\n")
+    full = OSError(errno.ENOSPC, "No space left on device", "/r/last.pt")
+    assert outcome(capsys, raises(full)) == (
+        1, "error: cannot write '/r/last.pt': No space left on device; the last epoch is kept\n")
+    # an OSError that names no file names the folder it was given
+    assert outcome(capsys, raises(OSError(errno.EROFS, "Read-only file system")), unnamed="results") == (
+        1, "error: cannot write 'results': Read-only file system; the last epoch is kept\n")
+    assert outcome(capsys, raises(KeyboardInterrupt()), interrupted="interrupted: run it again") == (
+        130, "interrupted: run it again\n")
+    with pytest.raises(ZeroDivisionError):  # a bug is not the user's error: its traceback stays
+        cli.run_main(lambda: 1 / 0, kept="")
+
+
+def test_a_run_stopped_for_time_says_how_to_continue_without_the_password(capsys):
+    argv = ["--storage", "postgresql://vit:s3cret@db/vit", "--time-limit", "2h"]
+    code, err = outcome(capsys, raises(cli.StoppedForTime("stopped after epoch 3 of 120")), script="stage2_final.py",
+                        argv=argv, redact=lambda a: a.replace("s3cret", "***"))
+    assert code == cli.EXIT_TIME_LIMIT == 75
+    assert err == ("stopped after epoch 3 of 120; continue with: python stage2_final.py --storage "
+                   "'postgresql://vit:***@db/vit' --time-limit 2h\n")  # quoted as a shell needs it
+    # a --jobs worker: the reason only (its parent prints the command, once)
+    assert outcome(capsys, raises(cli.StoppedForTime("worker 2: stopped"))) == (75, "worker 2: stopped\n")
+
+
+def test_the_shared_flags_and_their_checks():
+    p = cli.OneLineParser()
+    cli.add_common_flags(p, results_help="out", storage_help="storage")
+    args = p.parse_args(["--results", "r", "--no-download"])
+    assert (args.data_dir, args.no_download, args.results, args.storage, args.device) == ("data", True, "r", None, "auto")
+    cli.default_storage(args)
+    assert args.storage == "sqlite:///r/stage1.db"
+    bare = cli.OneLineParser()
+    cli.add_common_flags(bare)  # evaluate.py's: no results folder, no storage
+    assert not hasattr(bare.parse_args([]), "results")
+    args.epochs, args.top_k = 3, 0
+    with pytest.raises(SystemExit) as stop:
+        cli.check_positive(p, args, ("epochs", "top_k"))
+    assert stop.value.code == 2
+
+
+def test_the_epoch_line_and_its_eta():
+    history = [{"epoch": e, "epoch_time": 100.0, "epoch_s": 120.0} for e in (1, 2)]
+    record = {**history[-1], "train_loss": 1.23456, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.61234,
+              "is_best": True, "lr": 5e-4}
+    assert cli.epoch_line("config_0", record, history, 32) == (
+        "config_0 epoch   2/32: train loss 1.2346 acc 50.00 %, val loss 1.0000 acc 61.23 % (best), lr 5.00e-04, "
+        "100s, at most 1 h 00 min left")  # 30 epochs x 120 s
+    assert not cli.epoch_line("m", {**record, "epoch": 32}, history, 32).endswith("left")
+
+
+def test_the_clock():
+    assert (cli.clock(7 * 60), cli.clock(2 * 3600 + 5 * 60)) == ("7 min", "2 h 05 min")
+    assert (cli.clock(45, precise=True), cli.clock(425, precise=True)) == ("45 s", "7 min 05 s")
+    assert cli.duration("2h40m") == 9600 and cli.duration("90") == 90
