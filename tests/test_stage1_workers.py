@@ -14,7 +14,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 
@@ -28,56 +27,16 @@ from workers import make_storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The real command line (main), on synthetic data and the cheapest model shape of the search space:
-# these tests are about workers, not models. Two test-only switches, both off by default:
-# START_BARRIER makes every worker wait at a lock until all have imported torch, so that they reach
-# the new storage within milliseconds of each other; HANG_IN_TRIAL parks the worker inside that trial right
-# after its first epoch is saved and reported, so that a SIGKILL lands mid-trial at a known point.
-WORKER = textwrap.dedent("""
-    import dataclasses, faulthandler, os, signal, sys, time
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that times out asks for every stack
-    # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: under
-    # `.ci/run &` Ctrl-C would never reach the worker. Ctrl-C is what the tests send, so take it back.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.path[:0] = [{root!r}, {tests!r}]
-    import optuna, stage1_search
-    from conftest import synthetic_splits
-
-    real_suggest, real_run = stage1_search.suggest_config, stage1_search.run
-    stage1_search.suggest_config = lambda trial, base: dataclasses.replace(
-        real_suggest(trial, base), patch_size=4, embed_dim=128, depth=4)
-    stage1_search.run = lambda args, splits=None: real_run(args, splits=synthetic_splits(n_train=128, n_val=64))
-
-    barrier = os.environ.get("START_BARRIER")
-    if barrier:  # the test holds an exclusive lock on it; its release wakes every waiting worker at once
-        import fcntl
-        open(f"{{barrier}}.{{os.getpid()}}", "w").close()
-        with open(barrier) as f:
-            fcntl.flock(f, fcntl.LOCK_SH)
-    hang = os.environ.get("HANG_IN_TRIAL")
-    if hang:
-        real_report = optuna.trial.Trial.report
-
-        def report_then_hang(trial, value, step):
-            real_report(trial, value, step)
-            if trial.number == int(hang):
-                open(os.environ["HANG_MARKER"], "w").close()
-                time.sleep(3600)
-
-        optuna.trial.Trial.report = report_then_hang
-    stage1_search.main(sys.argv[1:])
-""")
+# The real command line (main) on tiny synthetic data, its test-only switches described in the module.
+WORKER = os.path.join(ROOT, "tests", "synthetic_stage1.py")
 
 
 @pytest.fixture
 def worker(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
-
     started = []
 
     def start(*args, env=None, prefix=()):
-        started.append(subprocess.Popen([*prefix, sys.executable, str(script), "--results", str(tmp_path), *args],
+        started.append(subprocess.Popen([*prefix, sys.executable, WORKER, "--results", str(tmp_path), *args],
                                         env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT))
         return started[-1]
@@ -179,20 +138,6 @@ def test_four_workers_started_at_once_on_a_new_storage(tmp_path, worker, storage
     assert {t.user_attrs["pid"] for t in trials} == {p.pid for p in procs}
 
 
-# Each racer opens the same fresh storages, one per round, all four at once at every round.
-RACER = textwrap.dedent("""
-    import fcntl, os, sys
-    sys.path.insert(0, {root!r})
-    import workers
-    gate, urls = sys.argv[1], sys.argv[2:]
-    for i, url in enumerate(urls):
-        open(f"{{gate}}.{{i}}.{{os.getpid()}}", "w").close()
-        with open(f"{{gate}}.{{i}}") as f:
-            fcntl.flock(f, fcntl.LOCK_SH)
-        workers.make_study(workers.make_storage(url, heartbeat=5), "vit-cifar10", seed=0)
-""")
-
-
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_four_workers_creating_a_new_storage_at_the_same_moment_never_crash(tmp_path, request, kind):
     """Optuna's schema race, 6 rounds of 4 workers: the first 4-worker test alone caught the
@@ -202,12 +147,11 @@ def test_four_workers_creating_a_new_storage_at_the_same_moment_never_crash(tmp_
         urls = [request.getfixturevalue("new_postgres_database")() for _ in range(rounds)]
     else:
         urls = [f"sqlite:///{tmp_path}/round{i}.db" for i in range(rounds)]
-    script, gate = tmp_path / "racer.py", str(tmp_path / "gate")
-    script.write_text(RACER.format(root=ROOT))
+    script, gate = os.path.join(ROOT, "tests", "storage_racer.py"), str(tmp_path / "gate")
     gates = [open(f"{gate}.{i}", "w") for i in range(rounds)]
     for g in gates:
         fcntl.flock(g, fcntl.LOCK_EX)
-    procs = [subprocess.Popen([sys.executable, str(script), gate, *urls], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, script, gate, *urls], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT) for _ in range(4)]
     for i, g in enumerate(gates):
         deadline = time.time() + 120
