@@ -58,13 +58,18 @@ VARIANTS = {
 TWO_SEEDS = ("plain", "plus_warmup", "warmup_randaug_off", "chosen")  # the seed-to-seed spread is measured on these
 
 
+def variant_config(name: str, seed: int = 0, epochs: int = 10, subset: float = 0.2) -> TrainConfig:
+    """What a variant's run trains: its recipe, one full schedule without early stopping."""
+    return TrainConfig.from_dict({**VARIANTS[name], "epochs": epochs, "patience": epochs, "subset_ratio": subset,
+                                  "seed": seed})
+
+
 def run_one(name: str, seed: int, splits, device, epochs: int, subset: float, out: str) -> dict:
     path = os.path.join(out, f"{name}_seed{seed}.json")
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
-    cfg = TrainConfig.from_dict({**VARIANTS[name], "epochs": epochs, "patience": epochs,
-                                 "subset_ratio": subset, "seed": seed})
+    cfg = variant_config(name, seed, epochs, subset)
     # A finished run with exactly this configuration (seed, epochs and subset included), not itself a reuse.
     twin = next((r for r in _runs(out) if r["config"] == cfg.to_dict() and "same_run_as" not in r), None)
     if twin is not None:  # "chosen" seed 0 may be a single change's run: the same run, not trained twice

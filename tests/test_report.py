@@ -50,10 +50,29 @@ def test_the_gallery_holds_only_mistakes_most_confident_first_with_the_right_lab
     assert shown == picked and path.stat().st_size > 10000
 
 
-def test_per_class_accuracy_plot_is_written(tmp_path):
-    from report import plot_per_class_accuracy
+def test_the_per_class_plot_shows_each_class_accuracy_with_its_exact_interval(tmp_path, monkeypatch):
+    import matplotlib.image
+    import numpy as np
 
+    import report
+    from stats import accuracy_interval
+
+    shown = []
+    monkeypatch.setattr(report.plt, "close", shown.append)  # keep the figure to read back what it draws
+    classes, correct, totals = [f"c{i}" for i in range(10)], [90, 80, 70, 60, 50, 40, 30, 20, 10, 0], [100] * 9 + [50]
     path = tmp_path / "per_class.png"
-    plot_per_class_accuracy([f"c{i}" for i in range(10)], [90, 80, 70, 60, 50, 40, 30, 20, 10, 0], [100] * 10,
-                            str(path), "model")
-    assert path.stat().st_size > 5000
+    report.plot_per_class_accuracy(classes, correct, totals, str(path), "model")
+    (ax,) = shown[0].axes
+    bars = ax.patches
+    assert [b.get_height() for b in bars] == [90, 80, 70, 60, 50, 40, 30, 20, 10, 0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == classes
+    # each error bar spans the class's Clopper-Pearson interval: 0/50 from 0 to 7.1 %, not symmetric
+    (caps_low, caps_high) = ax.containers[0].lines[1][:2] if ax.containers[0].lines[1] else (None, None)
+    segments = ax.containers[0].lines[2][0].get_segments()
+    for segment, c, n in zip(segments, correct, totals):
+        low, high = accuracy_interval(c, n)
+        assert np.allclose(sorted(segment[:, 1]), [100 * low, 100 * high])
+    assert 100 * accuracy_interval(0, 50)[1] > 7 and segments[-1][:, 1].min() == 0
+    assert [t.get_text() for t in ax.texts] == [f"{100 * c / n:.1f}" for c, n in zip(correct, totals)]
+    assert ax.get_title() == "model" and caps_low is not None and caps_high is not None
+    assert matplotlib.image.imread(path).shape[:2] == (400, 900)  # the PNG itself: 9 x 4 inches at 100 dpi
