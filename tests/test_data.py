@@ -181,12 +181,14 @@ DAMAGES = {
 }
 
 
-def test_stage2_on_damaged_data_stops_in_one_line_and_writes_nothing(fake_cifar_dir, tmp_path):
-    """Each damage in a copy of the fake CIFAR-10 folder (the other files linked), each through the real
-    command line, all at once."""
+def test_stage2_on_damaged_data_stops_in_one_line_and_writes_nothing(fake_cifar_dir, tmp_path, capsys):
+    """Each damage in a copy of the fake CIFAR-10 folder (the other files linked), each through stage 2's
+    main(); the pickled code also through a process of its own, to see what a shell sees."""
+    import stage2_final
+
     config = tmp_path / "c.json"
     config.write_text('{"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}')
-    procs = {}
+    said = {}
     for i, damage in enumerate(DAMAGES):
         root = tmp_path / f"data_{i}"
         folder = root / "cifar-10-batches-py"
@@ -197,13 +199,16 @@ def test_stage2_on_damaged_data_stops_in_one_line_and_writes_nothing(fake_cifar_
                     os.symlink(os.path.join(fake_cifar_dir, "cifar-10-batches-py", name), folder / name)
             shutil.copy(os.path.join(fake_cifar_dir, "cifar-10-batches-py", "data_batch_3"), folder)
             _damage(folder / "data_batch_3", damage, tmp_path / f"pwned_{i}")
-        procs[damage] = subprocess.Popen(
-            [sys.executable, "stage2_final.py", "--config", str(config), "--data-dir", str(root), "--no-download",
-             "--device", "cpu", "--results", str(tmp_path / f"results_{i}")],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for i, (damage, proc) in enumerate(procs.items()):
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 1 and err.startswith("error: ") and err.count("\n") == 1, (damage, err)
+        argv = ["--config", str(config), "--data-dir", str(root), "--no-download", "--device", "cpu", "--results",
+                str(tmp_path / f"results_{i}")]
+        with pytest.raises(SystemExit) as stop:
+            stage2_final.main(argv)
+        said[damage] = (stop.value.code, capsys.readouterr().err)
+        if damage == "pickled code":
+            proc = subprocess.run([sys.executable, "stage2_final.py", *argv], cwd=ROOT, capture_output=True, text=True)
+            assert (proc.returncode, proc.stderr) == said[damage]
+    for i, (damage, (code, err)) in enumerate(said.items()):
+        assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, (damage, err)
         assert DAMAGES[damage] in err and "Traceback" not in err, (damage, err)
         assert [p for p in (tmp_path / f"results_{i}").rglob("*") if p.is_file()] == []  # nothing written
     assert not list(tmp_path.glob("pwned_*"))  # the pickled code never ran
