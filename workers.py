@@ -59,6 +59,13 @@ def storage_error(url: str, e: Exception) -> StorageError:
     return StorageError(f"cannot open Optuna storage {redact_url(url)!r}: {type(e).__name__}: {first_line}")
 
 
+def storage_file(url: str) -> str | None:
+    """The file an SQLite URL or a journal path names; None for a server."""
+    if url.startswith("sqlite:///"):
+        return url[len("sqlite:///"):]
+    return url if "://" not in url else None
+
+
 def make_storage(url: str, heartbeat: int):
     """An RDB URL (sqlite:///, postgresql://, mysql://) or a path to a journal file.
 
@@ -79,14 +86,15 @@ SCHEMA_RACE = ("already exists", "duplicate", "unique constraint", "database is 
 
 
 def _make_storage(url: str, heartbeat: int):
+    path = storage_file(url)
+    if path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if "://" not in url:
         from optuna.storages.journal import JournalFileBackend
 
-        os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(url))
     engine_kwargs = {}
-    if url.startswith("sqlite:///"):
-        os.makedirs(os.path.dirname(os.path.abspath(url[len("sqlite:///"):])), exist_ok=True)
+    if path is not None:  # SQLite
         # Several workers on one SQLite file: wait for a lock instead of failing with "database is locked".
         engine_kwargs = {"connect_args": {"timeout": 60}}
     lock = StudyLock(url)
@@ -115,11 +123,8 @@ class StudyLock:
     """
 
     def __init__(self, url: str):
-        self.path = None
-        if url.startswith("sqlite:///"):
-            self.path = os.path.abspath(url[len("sqlite:///"):]) + ".workers.lock"
-        elif "://" not in url:  # not .lock: Optuna's journal backend uses that name for its own lock
-            self.path = os.path.abspath(url) + ".workers.lock"
+        path = storage_file(url)  # not .lock: Optuna's journal backend uses that name for its own lock
+        self.path = None if path is None else os.path.abspath(path) + ".workers.lock"
         self.engine = None
         if url.startswith(("postgresql", "postgres://")):
             import sqlalchemy
@@ -191,7 +196,7 @@ def make_study(storage, study_name: str, seed: int, worker: int = 0) -> optuna.S
 def open_existing_study(url: str, study_name: str) -> optuna.Study:
     """Stage 2's view of stage 1's study: one that must exist already, with a line that says where it looked."""
     # make_storage would create a missing SQLite or journal file, and then report an empty study.
-    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else (url if "://" not in url else None)
+    path = storage_file(url)
     if path is not None and not os.path.isfile(path):
         raise StorageError(f"no stage-1 storage at {path}; run stage1_search.py first, point --storage (or --results) "
                            f"at its output, or pass --config")
