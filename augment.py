@@ -17,8 +17,6 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
-from torchvision.transforms import InterpolationMode
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -84,6 +82,11 @@ def _magnitudes(magnitude: int, num_bins: int, height: int, width: int) -> tuple
 
 def _geometric_op(img: torch.Tensor, name: str, magnitude: float) -> torch.Tensor:
     """One geometric op, called with exactly the arguments torchvision's autoaugment._apply_op uses."""
+    # Imported here, where the maps are built once per run: importing torchvision also imports
+    # torch._dynamo and sympy, about a second of every start of every script.
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
     nearest = InterpolationMode.NEAREST
     if name == "ShearX":
         shear = [math.degrees(math.atan(magnitude)), 0.0]

@@ -24,13 +24,11 @@ import sys
 
 import numpy as np
 import torch
-from sklearn.metrics import (ConfusionMatrixDisplay, classification_report, confusion_matrix,
-                             precision_recall_fscore_support)
 
 from checkpoint import checkpoint_file, load_checkpoint
 from cli import OneLineParser, add_common_flags, resolve_device, run_main
 from data import VAL_PER_CLASS, DataError, DeviceLoader, final_test_set, load_cifar10
-from report import code_version, plot_mistakes, plot_per_class_accuracy, write_bytes, write_json, write_text
+from report import code_version, plot_mistakes, pyplot, plot_per_class_accuracy, write_bytes, write_json, write_text
 from stats import accuracy_interval, difference_interval
 from train import TrainConfig, evaluate
 from vit import ViT
@@ -79,6 +77,10 @@ def model_from_checkpoint(state: dict, device) -> ViT:
 
 def classification_metrics(labels: np.ndarray, preds: np.ndarray, classes: list) -> dict:
     """Accuracy, macro and per-class precision/recall/F1/support, all from scikit-learn."""
+    # scikit-learn (and the plotting below) is imported where the test set is scored, not at the top:
+    # it is half a second of every start of every script that imports this module.
+    from sklearn.metrics import precision_recall_fscore_support
+
     ids = list(range(len(classes)))
     p, r, f, s = precision_recall_fscore_support(labels, preds, labels=ids, average=None, zero_division=0)
     mp, mr, mf, _ = precision_recall_fscore_support(labels, preds, labels=ids, average="macro", zero_division=0)
@@ -100,8 +102,9 @@ def write_confusion_csv(path: str, cm: np.ndarray, classes: list):
 
 
 def plot_confusion(path: str, cm: np.ndarray, classes: list, title: str):
-    import matplotlib.pyplot as plt  # report.py has already chosen the Agg backend
+    from sklearn.metrics import ConfusionMatrixDisplay
 
+    plt = pyplot()
     # Rows of a class the test set lacks would divide by zero; they stay 0.
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig, axes = plt.subplots(1, 2, figsize=(17, 7.5))
@@ -122,6 +125,8 @@ def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
     Accuracies are fractions in the JSON, with 95 % Clopper-Pearson intervals; tta adds the accuracy
     of averaging each image's and its mirror's logits as a separate figure (the plain one stays the headline).
     """
+    from sklearn.metrics import classification_report, confusion_matrix
+
     device = torch.device(device)
     path = checkpoint_file(path)  # a folder's outputs go into the folder, next to its checkpoint
     state = load_checkpoint(path)

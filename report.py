@@ -6,13 +6,19 @@ import os
 import subprocess
 import tempfile
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display on servers and CI). Imported when a plot is
+    drawn, not when this module is: every start of every script would pay for it, and most (a bad flag,
+    --help, a stage-1 worker between trials) draw nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def code_version() -> str:
@@ -116,6 +122,9 @@ def log_hparams(log_dir: str, hparams_dict: dict, metrics: dict):
 
 def plot_curves(history: list, path: str, title: str):
     """Training and validation loss and accuracy per epoch, side by side, in one PNG."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for split, style in (("train", "-"), ("val", "--")):
@@ -124,7 +133,7 @@ def plot_curves(history: list, path: str, title: str):
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # epochs are whole
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         if len(epochs) == 1:  # matplotlib would zoom into 0.95-1.05 around a single point
             ax.set_xlim(0.5, 1.5)
         ax.grid(alpha=0.3)
@@ -153,6 +162,7 @@ def plot_mistakes(images, labels, probs, classes: list, path: str, title: str, k
     """
     import torch
 
+    plt = pyplot()
     picked = most_confident_mistakes(probs, labels, k)
     cols = 6
     rows = max(1, -(-len(picked) // cols))
@@ -182,6 +192,7 @@ def plot_per_class_accuracy(classes: list, correct: list, totals: list, path: st
     acc = [100 * c / n for c, n in zip(correct, totals)]
     intervals = [accuracy_interval(c, n) for c, n in zip(correct, totals)]
     err = [[a - 100 * lo for a, (lo, _) in zip(acc, intervals)], [100 * hi - a for a, (_, hi) in zip(acc, intervals)]]
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.bar(classes, acc, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
     ax.set(ylabel="test accuracy (%), 95 % interval", ylim=(0, 105), title=title)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from checkpoint import load_checkpoint
 from data import DataError
-from report import code_version, plot_curves, write_json, write_text
+from report import code_version, plot_curves, pyplot, write_json, write_text
 from stats import mcnemar, verdict
 from workers import CLAIM, completed_by_value, read_claim
 
@@ -80,7 +80,7 @@ MIN_TRIALS_FOR_IMPORTANCE = 5  # fANOVA on fewer completed trials gives shares t
 
 def _write_plots(study: optuna.Study, done: list, top_k: int, out_dir: str):
     """done: the completed trials, best first (completed_by_value)."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # first: it picks the file-only backend before Optuna's plots import pyplot
     import matplotlib.ticker
     from optuna.visualization import matplotlib as ovm
 

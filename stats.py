@@ -9,7 +9,14 @@ Exact methods only, so that a small test set or a rare class gets an honest answ
 """
 
 import numpy as np
-from scipy.stats import binomtest
+
+
+def binomtest(k: int, n: int, p: float = 0.5):
+    """scipy's exact binomial test, imported on first use: scipy.stats takes half a second to import, at
+    every start of every script that imports this module, and most starts never need it."""
+    from scipy.stats import binomtest as scipy_binomtest
+
+    return scipy_binomtest(k, n, p)
 
 
 def accuracy_interval(correct: int, total: int, level: float = 0.95) -> tuple:

@@ -1,11 +1,14 @@
 """cli.py: the one main() wrapper's exit codes and lines, the shared flags, the epoch line and the clock."""
 
 import errno
+import os
 
 import pytest
 
 import cli
 from data import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def outcome(capsys, work, **kw):
@@ -76,3 +79,16 @@ def test_the_clock():
     assert (cli.clock(7 * 60), cli.clock(2 * 3600 + 5 * 60)) == ("7 min", "2 h 05 min")
     assert (cli.clock(45, precise=True), cli.clock(425, precise=True)) == ("45 s", "7 min 05 s")
     assert cli.duration("2h40m") == 9600 and cli.duration("90") == 90
+
+
+def test_a_script_starts_without_the_libraries_only_its_work_needs():
+    """torchvision (which pulls in torch._dynamo and sympy), scipy.stats, scikit-learn and matplotlib cost
+    over 2 s of each start together; a bad flag, --help or a worker that has not trained yet needs none."""
+    import subprocess
+    import sys
+
+    heavy = ("torchvision", "scipy", "sklearn", "matplotlib")
+    probe = ("import sys, stage1_search, stage2_final, evaluate, predict, check_gpu, bench, ablation; "
+             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -58,7 +58,7 @@ def test_the_per_class_plot_shows_each_class_accuracy_with_its_exact_interval(tm
     from stats import accuracy_interval
 
     shown = []
-    monkeypatch.setattr(report.plt, "close", shown.append)  # keep the figure to read back what it draws
+    monkeypatch.setattr(report.pyplot(), "close", shown.append)  # keep the figure to read back what it draws
     classes, correct, totals = [f"c{i}" for i in range(10)], [90, 80, 70, 60, 50, 40, 30, 20, 10, 0], [100] * 9 + [50]
     path = tmp_path / "per_class.png"
     report.plot_per_class_accuracy(classes, correct, totals, str(path), "model")
