@@ -30,7 +30,7 @@ def small_args(tmp_path, *extra):
 
 
 def test_jobs_runs_trials_side_by_side_in_worker_processes(tmp_path):
-    run(small_args(tmp_path, "--trials", "4", "--jobs", "2"), splits=tiny_splits())
+    run(small_args(tmp_path, "--trials", "4", "--jobs", "2", "--epochs", "1"), splits=tiny_splits())
     trials = optuna.load_study(study_name="vit-cifar10", storage=f"sqlite:///{tmp_path / 'stage1.db'}").trials
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert all(t.state == TrialState.COMPLETE and len(t.user_attrs["history"]) >= 1 for t in trials)

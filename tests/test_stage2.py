@@ -412,9 +412,9 @@ def test_bad_command_lines_and_configurations_stop_in_one_line_and_write_nothing
     assert [p for p in (tmp_path / "stage2").rglob("*") if p.is_file()] == []
 
 
-def test_a_results_folder_this_code_cannot_continue_is_refused_in_one_line_and_kept(tmp_path, ds):
-    """last.pt files of an older version, of another kind, damaged or carrying code: each refused by a real
-    worker, all at once, and none overwritten."""
+def test_a_results_folder_this_code_cannot_continue_is_refused_in_one_line_and_kept(tmp_path, ds, capsys):
+    """last.pt files of an older version, of another kind, damaged or carrying code: each refused by stage 2's
+    main(), and none overwritten; the pickled code also through a process of its own, to see what a shell sees."""
     from test_evaluate import write_malicious
 
     cfg = config_file(tmp_path / "c.json", TINY)
@@ -433,8 +433,7 @@ def test_a_results_folder_this_code_cannot_continue_is_refused_in_one_line_and_k
         "truncated": (good[: len(good) // 2], "is not a readable PyTorch checkpoint"),
         "pickled code": (None, "refusing to load"),
     }
-    procs = {}
-    for i, (name, (content, _)) in enumerate(cases.items()):
+    for i, (name, (content, message)) in enumerate(cases.items()):
         run_dir = tmp_path / f"r{i}" / "stage2" / "config_0"
         run_dir.mkdir(parents=True)
         if name == "pickled code":
@@ -443,14 +442,16 @@ def test_a_results_folder_this_code_cannot_continue_is_refused_in_one_line_and_k
             (run_dir / "last.pt").write_bytes(content)
         else:
             torch.save(content, run_dir / "last.pt")
-        procs[name] = subprocess.Popen(
-            [sys.executable, os.path.join("tests", "synthetic_stage2.py"), "200", "--results", str(tmp_path / f"r{i}"),
-             "--config", cfg, "--epochs", "1", "--patience", "2", "--device", "cpu"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for i, (name, proc) in enumerate(procs.items()):
-        out, err = proc.communicate(timeout=300)
-        run_dir = tmp_path / f"r{i}" / "stage2" / "config_0"
-        assert proc.returncode == 1 and err.startswith("error: ") and err.count("\n") == 1, err
-        assert f"{run_dir}/last.pt" in err and cases[name][1] in err and "Traceback" not in err, (name, err)
+        argv = ["--results", str(tmp_path / f"r{i}"), "--config", cfg, "--epochs", "1", "--patience", "2",
+                "--device", "cpu"]
+        with pytest.raises(SystemExit) as stop:
+            stage2_final.main(argv, ds=ds)
+        code, err = stop.value.code, capsys.readouterr().err
+        assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert f"{run_dir}/last.pt" in err and message in err and "Traceback" not in err, (name, err)
         assert sorted(os.listdir(run_dir)) == ["claim.json.lock", "last.pt"]  # nothing written, the claim given back
+        if name == "pickled code":  # the same data as ds: synthetic_cifar(n_train=200)
+            proc = subprocess.run([sys.executable, os.path.join("tests", "synthetic_stage2.py"), "200", *argv],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=300)
+            assert (proc.returncode, proc.stderr) == (code, err)
     assert not (tmp_path / "pwned").exists()
