@@ -2,10 +2,12 @@
 
     python tests/synthetic_stage1.py [stage1_search.py flags...]
 
-Everything but the data and the model's shape is the real stage 1: its main(), its storage, its
-workers, its error handling and exit codes. The data is conftest's synthetic set (128 training,
-64 validation images) and every trial takes the cheapest shape of the search space: these runs are
-about workers, not models. Two test-only switches, both off unless their variable is set:
+Everything but the data, the model's shape and the threads is the real stage 1: its main(), its storage,
+its workers, its error handling and exit codes. The data is conftest's synthetic set (128 training,
+64 validation images), every trial takes the cheapest shape of the search space, and torch uses one
+thread (four workers share two cores in the tests; two threads each would spin waiting for a core,
+a third of such a test's time): these runs are about workers, not models. Two test-only switches,
+both off unless their variable is set:
 - START_BARRIER=PATH: wait at a shared lock on PATH (the test holds it exclusively) after importing
   torch, so that every worker reaches a new storage within milliseconds of the others;
 - HANG_IN_TRIAL=N (with HANG_MARKER=PATH): park inside trial N right after its first epoch is saved
@@ -27,6 +29,7 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import optuna  # noqa: E402
+import torch  # noqa: E402
 
 import stage1_search  # noqa: E402
 from conftest import synthetic_splits  # noqa: E402
@@ -56,6 +59,7 @@ def hang_in_trial(number: int, marker: str):
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)
     real_run = stage1_search.run
     stage1_search.suggest_config = cheapest_shape(stage1_search.suggest_config)
     stage1_search.run = lambda args, splits=None: real_run(args, splits=synthetic_splits(n_train=128, n_val=64))
