@@ -28,12 +28,11 @@ import torch
 from checkpoint import checkpoint_file, load_checkpoint
 from cli import OneLineParser, add_common_flags, resolve_device, run_main
 from data import VAL_PER_CLASS, DataError, DeviceLoader, final_test_set, load_cifar10
-from report import code_version, plot_mistakes, pyplot, plot_per_class_accuracy, write_bytes, write_json, write_text
+from report import code_version, plot_mistakes, plot_per_class_accuracy, pyplot, write_bytes, write_json, write_text
 from stats import accuracy_interval, difference_interval
-from train import TrainConfig, evaluate
+from train import TrainConfig, eval_batch_size, evaluate
 from vit import ViT
 
-EVAL_BATCH = 500  # the validation loader's size: inference memory is small, larger batches gain nothing
 # Stage 1 writes metrics.json (with the whole training history) next to its last.pt: the test's own name.
 METRICS_FILE = "test_metrics.json"
 PREDICTIONS_FILE = "test_predictions.json"
@@ -133,7 +132,7 @@ def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
     model = model_from_checkpoint(state, device)
     images, labels = final_test_set(ds, device)
     # fp32 even on GPUs: the test numbers must not depend on a precision shortcut.
-    loader = DeviceLoader(images, labels, EVAL_BATCH, train=False)
+    loader = DeviceLoader(images, labels, eval_batch_size(device), train=False)
     result = evaluate(model, loader, return_preds=True, tta=tta)
     y_true, y_pred = labels.cpu().numpy(), result["preds"].numpy()
     classes = list(ds.classes)

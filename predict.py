@@ -20,7 +20,8 @@ from augment import eval_transform
 from data import CLASSES, DataError
 from checkpoint import load_checkpoint
 from cli import DEVICE_HELP, OneLineParser, resolve_device
-from evaluate import EVAL_BATCH, model_from_checkpoint
+from evaluate import model_from_checkpoint
+from train import eval_batch_size
 
 SIZE = 32  # CIFAR-10's images, all the model has seen
 TOP = 3
@@ -51,8 +52,9 @@ def predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Class probabilities (B, classes) of uint8 images (B, 3, 32, 32), normalised as evaluation normalises."""
     model.eval()
     device = next(model.parameters()).device
-    probs = [model(eval_transform(images[i : i + EVAL_BATCH].to(device))).float().softmax(1).cpu()
-             for i in range(0, len(images), EVAL_BATCH)]
+    batch = eval_batch_size(device)
+    probs = [model(eval_transform(images[i : i + batch].to(device))).float().softmax(1).cpu()
+             for i in range(0, len(images), batch)]
     return torch.cat(probs)
 
 

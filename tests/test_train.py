@@ -7,7 +7,7 @@ import torch
 
 import train
 from conftest import REAL_DATA, needs_real_data, synthetic_splits
-from data import load_cifar10, train_val_splits
+from data import DeviceLoader, load_cifar10, train_val_splits
 from train import Diverged, TrainConfig, Trainer, cpu_micro_batch, lr_factor, pick_device
 
 TINY = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, batch_size=64, warmup_epochs=1)
@@ -145,6 +145,21 @@ def test_micro_batches_give_the_same_training_as_whole_batches():
     split = trainer.fit()
     assert [r["train_loss"] for r in split] == pytest.approx([r["train_loss"] for r in whole], rel=1e-5)
     assert [r["val_loss"] for r in split] == pytest.approx([r["val_loss"] for r in whole], rel=1e-5)
+
+
+def test_inference_batches_suit_the_device_and_any_of_them_gives_the_same_figures():
+    cpu = torch.device("cpu")
+    assert train.eval_batch_size(cpu) == 128 and train.eval_batch_size(torch.device("cuda")) == 500
+    assert train.eval_batch_size(cpu, micro_batch=8) == 32  # a big shape's micro-batch bounds it too
+    splits = synthetic_splits(n_train=256, n_val=300)
+    trainer = make_trainer(splits, epochs=1)
+    trainer.fit()
+    assert trainer.val_loader.batch_size == 128
+    figures = [train.evaluate(trainer.model, DeviceLoader(splits.val_images, splits.val_labels, size, train=False),
+                              return_preds=True) for size in (128, 500, 7)]
+    for other in figures[1:]:  # 300 images: 3 batches, 1 batch, 43 batches
+        assert torch.equal(other["preds"], figures[0]["preds"])
+        assert other["loss"] == pytest.approx(figures[0]["loss"], rel=1e-5)
 
 
 def test_cpu_micro_batch_splits_only_the_big_shapes():
