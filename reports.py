@@ -153,8 +153,7 @@ def _pct(x) -> str:
 
 def plot_comparison(rows: list, path: str):
     """Test accuracy and macro precision, recall and F1, grouped by model."""
-    import matplotlib.pyplot as plt  # report.py has already chosen the Agg backend
-
+    plt = pyplot()
     metrics = [("test_acc", "accuracy"), ("precision", "macro precision"), ("recall", "macro recall"),
                ("f1", "macro F1")]
     x = np.arange(len(rows))
