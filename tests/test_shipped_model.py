@@ -1,0 +1,88 @@
+"""The shipped 120-epoch model gives the figures committed beside it, and classifies real test images.
+
+results/reference/120ep_seed_recipe/model.pt is the best checkpoint of the seed's full schedule, exported
+without optimizer state; its run tested it once (stage2/config_0/test_metrics.json and
+test_predictions.json, written by the run's own code, 944f7d2). Evaluating the shipped file with today's
+code must give the same answer on every one of the 10,000 test images, and the README must quote it.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+from conftest import REAL_DATA, needs_real_data
+from data import CLASSES, load_cifar10
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "results", "reference", "120ep_seed_recipe")
+SHIPPED = os.path.join(RUN, "model.pt")
+RUN_TEST = os.path.join(RUN, "stage2", "config_0")  # what the run itself measured, once
+
+
+def committed(name):
+    with open(os.path.join(RUN_TEST, name)) as f:
+        return json.load(f)
+
+
+def test_the_shipped_file_is_the_model_alone_and_small():
+    state = torch.load(SHIPPED, weights_only=True)
+    assert state["format"] == evaluate.MODEL_FORMAT and "optimizer" not in state and "rng" not in state
+    assert state["epoch"] == committed("test_metrics.json")["epoch"]
+    assert os.path.getsize(SHIPPED) < 6e6
+    # the optimizer-state checkpoints left the tree once the model was shipped
+    assert not any(f.endswith(".pt") for _, _, files in os.walk(RUN_TEST) for f in files)
+
+
+@needs_real_data
+def test_evaluating_the_shipped_model_reproduces_the_runs_test_exactly(tmp_path, capsys):
+    model = tmp_path / "model.pt"  # evaluate.py writes beside the model: leave the committed files alone
+    shutil.copy(SHIPPED, model)
+    evaluate.main([str(model), "--data-dir", REAL_DATA, "--no-download", "--device", "cpu"])
+    ours = json.loads((tmp_path / "test_metrics.json").read_text())
+    theirs = committed("test_metrics.json")
+    assert ours["test_images"] == 10_000 and ours["accuracy"] == theirs["accuracy"]
+    # intervals from today's scipy may differ in the 16th digit; the counts behind them may not
+    assert ours["accuracy_ci95"] == pytest.approx(theirs["accuracy_ci95"], rel=1e-12, abs=0)
+    for name, row in theirs["per_class"].items():
+        for key, value in row.items():
+            assert ours["per_class"][name][key] == pytest.approx(value, rel=1e-12, abs=0), (name, key)
+    assert ours["val_acc"] == theirs["val_acc"] and ours["epoch"] == theirs["epoch"]
+    # the same answer on every image, not only the same count
+    assert json.loads((tmp_path / "test_predictions.json").read_text()) == committed("test_predictions.json")
+    figure = f"{100 * theirs['accuracy']:.2f} %"
+    assert capsys.readouterr().out.startswith(f"test accuracy {figure}")
+    with open(os.path.join(ROOT, "README.md")) as f:
+        head = "".join(f.readlines()[:12])
+    epochs = f"{committed('done.json')['epochs_run']} epochs"
+    assert figure in head and epochs in head, f"the README's first lines quote the shipped model's {figure}, {epochs}"
+
+
+@needs_real_data
+def test_predict_names_real_test_images_of_every_class_at_other_sizes(tmp_path):
+    """The first test image of each class that the run got right, enlarged, in PNG and BMP: predict.py must
+    bring each back to 32x32 and name its class first."""
+    ds = load_cifar10(REAL_DATA, download=False)
+    preds = committed("test_predictions.json")
+    paths, labels = [], []
+    for c in range(len(CLASSES)):
+        i = next(i for i, (y, p) in enumerate(zip(preds["labels"], preds["preds"])) if y == p == c)
+        assert int(ds.test_labels[i]) == c
+        size = (32 * (2 + c % 3), 32 * (2 + c % 2))  # 64-128 wide, 64-96 tall: never CIFAR-10's own size
+        image = Image.fromarray(ds.test_images[i].permute(1, 2, 0).numpy()).resize(size, Image.Resampling.BICUBIC)
+        paths.append(str(tmp_path / f"test{i}.{'bmp' if c % 4 == 3 else 'png'}"))
+        image.save(paths[-1])
+        labels.append(CLASSES[c])
+    proc = subprocess.run([sys.executable, "predict.py", SHIPPED, *paths, "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(paths)
+    for line, path, label in zip(lines, paths, labels):
+        assert line.startswith(f"{path}: {label} "), line
