@@ -48,7 +48,8 @@ def test_evaluating_the_shipped_model_reproduces_the_runs_test_exactly(tmp_path,
     ours = json.loads((tmp_path / "test_metrics.json").read_text())
     theirs = committed("test_metrics.json")
     assert ours["test_images"] == 10_000 and ours["accuracy"] == theirs["accuracy"]
-    # intervals from today's scipy may differ in the 16th digit; the counts behind them may not
+    # The run's code (944f7d2) took Clopper-Pearson bounds from beta.ppf, today's from scipy's binomtest: the same
+    # bounds to the 16th digit. The counts behind them must be equal, and are (accuracy, predictions).
     assert ours["accuracy_ci95"] == pytest.approx(theirs["accuracy_ci95"], rel=1e-12, abs=0)
     for name, row in theirs["per_class"].items():
         for key, value in row.items():
