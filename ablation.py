@@ -20,7 +20,7 @@ import time
 
 from data import DataError, load_cifar10, train_val_splits
 from report import write_json
-from train import TrainConfig, Trainer, pick_device
+from train import TrainConfig, Trainer, pick_device, with_defaults
 
 SEED_BEST = dict(patch_size=4, embed_dim=128, depth=6, num_heads=4, optimizer="adamw", lr=5.836e-4,
                  scheduler="cosine", batch_size=128, mixup_alpha=0.0)
@@ -71,7 +71,7 @@ def run_one(name: str, seed: int, splits, device, epochs: int, subset: float, ou
             return json.load(f)
     cfg = variant_config(name, seed, epochs, subset)
     # A finished run with exactly this configuration (seed, epochs and subset included), not itself a reuse.
-    twin = next((r for r in _runs(out) if r["config"] == cfg.to_dict() and "same_run_as" not in r), None)
+    twin = next((r for r in _runs(out) if with_defaults(r["config"]) == cfg.to_dict() and "same_run_as" not in r), None)
     if twin is not None:  # "chosen" seed 0 may be a single change's run: the same run, not trained twice
         result = {**twin, "variant": name, "same_run_as": f"{twin['variant']}_seed{seed}.json"}
         write_json(path, result)

@@ -299,16 +299,63 @@ def normalize(x: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tens
     return x.float().mul_(scale).add_(shift)
 
 
+ERASE_ATTEMPTS = 10  # timm's RandomErasing tries this many boxes per image and erases the first that fits
+
+
+def random_erasing(
+    x: torch.Tensor, probability: float, area: tuple[float, float] = (0.02, 1 / 3),
+    aspect: tuple[float, float] = (0.3, 3.3), generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """timm's RandomErasing(probability, min_area, max_area, min_aspect, max_aspect, mode="pixel") on a
+    normalised float batch (B, C, H, W), each image with its own draws.
+
+    Per image, with the given probability: up to ERASE_ATTEMPTS boxes, each of area uniform in `area`
+    (shares of the image) and aspect h / w log-uniform in `aspect`, sides rounded; the first that fits
+    inside the image is filled with N(0, 1) noise per pixel and channel (the normalised image's scale),
+    at a uniformly drawn position. An image none of whose attempts fits is left alone, as in timm.
+
+    timm's own class loops over images in Python and draws from Python's global RNG; this draws every
+    attempt of the batch at once from `generator` (on x's device) and erases by one masked select, so a
+    GPU neither syncs nor launches per image, and a run's seed reproduces it.
+    """
+    b, c, h, w = x.shape
+    dev = x.device
+    u = torch.rand(5, b, ERASE_ATTEMPTS, device=dev, generator=generator)
+    target = (area[0] + (area[1] - area[0]) * u[0]) * (h * w)
+    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * u[1])
+    eh, ew = (target * ratio).sqrt().round(), (target / ratio).sqrt().round()  # round: half to even, as Python's
+    fits = (eh < h) & (ew < w)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first attempt that fits (0 if none does)
+    eh, ew = eh.gather(1, first), ew.gather(1, first)  # (B, 1)
+    # randint(0, h - eh) inclusive, as Python's random.randint draws the corner.
+    top = (u[2].gather(1, first) * (h - eh + 1)).floor()
+    left = (u[3].gather(1, first) * (w - ew + 1)).floor()
+    erase = (u[4, :, :1] < probability) & fits.any(dim=1, keepdim=True)  # (B, 1)
+    rows = torch.arange(h, device=dev)
+    cols = torch.arange(w, device=dev)
+    in_rows = (rows >= top) & (rows < top + eh) & erase  # (B, H)
+    in_cols = (cols >= left) & (cols < left + ew)  # (B, W)
+    mask = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)  # (B, 1, H, W), broadcast over channels
+    noise = torch.randn(x.shape, device=dev, dtype=x.dtype, generator=generator)
+    return torch.where(mask, noise, x)
+
+
 def train_transform(
     x_uint8: torch.Tensor, generator: torch.Generator | None = None, num_ops: int = 2, magnitude: int = 9,
-    host_generator: torch.Generator | None = None,
+    host_generator: torch.Generator | None = None, erase_prob: float = 0.0,
+    erase_area: tuple[float, float] = (0.02, 1 / 3), erase_aspect: tuple[float, float] = (0.3, 3.3),
 ) -> torch.Tensor:
-    """Crop + flip, RandAugment(num_ops, magnitude), normalize: uint8 (B, 3, H, W) -> float32.
-    num_ops 0 leaves crop and flip alone. generator: on x's device; host_generator: on the CPU."""
+    """Crop + flip, RandAugment(num_ops, magnitude), normalize, random erasing: uint8 (B, 3, H, W) -> float32.
+    num_ops 0 leaves crop and flip alone; erase_prob 0 erases nothing (and draws nothing).
+    generator: on x's device; host_generator: on the CPU."""
     x = random_crop_flip(x_uint8, generator)
     if num_ops > 0:
         x = rand_augment(x, host_generator, num_ops=num_ops, magnitude=magnitude)
-    return normalize(x)
+    x = normalize(x)
+    if erase_prob > 0:
+        x = random_erasing(x, erase_prob, erase_area, erase_aspect, generator)
+    return x
 
 
 def eval_transform(x_uint8: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from data import DataError
 from report import write_bytes
+from train import with_defaults
 
 # What a folder stands for, in this order: training's own checkpoint, else an exported model file.
 FOLDER_CHECKPOINTS = ("best.pt", "model.pt")
@@ -92,10 +93,10 @@ def load_into(trainer, path: str, again: str, other_config=None):
         raise DataError(f"{path} comes from an older, incompatible version of this code (no {', '.join(missing)}); "
                         f"{again}")
     expected = trainer.cfg.to_dict()
-    if not isinstance(state["config"], dict) or state["config"].keys() != expected.keys():
+    if not isinstance(state["config"], dict) or with_defaults(state["config"]).keys() != expected.keys():
         raise DataError(f"{path} comes from an older, incompatible version of this code (its configuration has "
                         f"other keys); {again}")
-    if state["config"] != expected:
+    if with_defaults(state["config"]) != expected:
         raise other_config() if other_config else DataError(f"{path} was trained with another configuration; {again}")
     try:
         trainer.load_state_dict(state)

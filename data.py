@@ -1,9 +1,10 @@
-"""CIFAR-10 as uint8 tensors on the device: loading, splits, augmentation, mixup and a loader.
+"""CIFAR-10 as uint8 tensors on the device: loading, splits, augmentation, mixing (Mixup, CutMix) and a loader.
 
 The whole dataset is 180 MB as uint8, so it lives on the training device and every batch is
 augmented there, per sample, with tensor ops. No DataLoader workers, no PIL, no CPU bottleneck.
 """
 
+import math
 import os
 import pickle
 import random
@@ -65,9 +66,10 @@ def _unpickle(path: str):
 class CIFAR10:
     train_images: torch.Tensor  # (50000, 3, 32, 32) uint8
     train_labels: torch.Tensor  # (50000,) int64
-    test_images: torch.Tensor  # (10000, 3, 32, 32) uint8
-    test_labels: torch.Tensor  # (10000,) int64
+    test_images: torch.Tensor | None  # (10000, 3, 32, 32) uint8; None: not read yet (final_test_set reads it)
+    test_labels: torch.Tensor | None  # (10000,) int64
     classes: list
+    folder: str | None = None  # where the test batch is read from when it is needed
 
 
 def _read_batch(path: str, expected: int):
@@ -120,11 +122,14 @@ def find_cifar10(data_dir: str = "data", download: bool = True) -> str:
     return folder
 
 
-def load_cifar10(data_dir: str = "data", download: bool = True) -> CIFAR10:
-    """Read data_dir/cifar-10-batches-py (the official python format), downloading it if asked."""
+def load_cifar10(data_dir: str = "data", download: bool = True, test: bool = True) -> CIFAR10:
+    """Read data_dir/cifar-10-batches-py (the official python format), downloading it if asked.
+
+    test False leaves the test batch unread until final_test_set asks for it: the stages train without
+    it, so that a machine that trains (a rented GPU, say) need never hold the test images at all."""
     folder = find_cifar10(data_dir, download)
     train = [_read_batch(os.path.join(folder, name), 10000) for name in TRAIN_FILES]
-    test_images, test_labels = _read_batch(os.path.join(folder, TEST_FILE), 10000)
+    test_images, test_labels = _read_batch(os.path.join(folder, TEST_FILE), 10000) if test else (None, None)
     classes = CLASSES
     meta = os.path.join(folder, "batches.meta")
     if os.path.isfile(meta):
@@ -140,6 +145,7 @@ def load_cifar10(data_dir: str = "data", download: bool = True) -> CIFAR10:
         test_images=test_images,
         test_labels=test_labels,
         classes=classes,
+        folder=folder,
     )
 
 
@@ -200,27 +206,62 @@ def train_val_splits(ds: CIFAR10, seed: int = 0, subset_ratio: float = 1.0, devi
 
 def final_test_set(ds: CIFAR10, device="cpu"):
     """The 10,000 test images; only evaluate.py calls this, once training is over."""
+    if ds.test_images is None:
+        path = os.path.join(ds.folder, TEST_FILE)
+        if not os.path.isfile(path):
+            raise DataError(f"CIFAR-10's test batch {path} is missing (training never reads it): put it there or fix "
+                            f"--data-dir, then run the same command; everything trained so far is kept")
+        ds.test_images, ds.test_labels = _read_batch(path, 10000)
     return ds.test_images.to(device), ds.test_labels.to(device)
 
 
-# ----------------------------------------------------------------------------- mixup and loader
+# ----------------------------------------------------------------------------- mixing and loader
 
 
-def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, num_classes: int = 10,
-          generator: torch.Generator | None = None, rng: random.Random | None = None):
-    """Mix each sample with another of the batch (Zhang et al., 2018); returns soft targets.
+def cutmix_box(lam: float, height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """CutMix's box (Yun et al., 2019) as timm's rand_bbox draws it: sides sqrt(1 - lam) of the image's,
+    centred uniformly, clipped to the image. Returns (top, bottom, left, right), bottom and right exclusive."""
+    cut = math.sqrt(1.0 - lam)
+    half_h, half_w = int(height * cut) // 2, int(width * cut) // 2
+    cy, cx = rng.randrange(height), rng.randrange(width)
+    return max(cy - half_h, 0), min(cy + half_h, height), max(cx - half_w, 0), min(cx + half_w, width)
 
-    One lambda ~ Beta(alpha, alpha) per batch, from rng (None: Python's global one); the partners
-    from generator (on x's device; None: torch's global RNG). Rows of the soft targets sum to 1.
-    With alpha 0, mixup is off and the hard labels come back unchanged (the cheaper loss).
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+              mix_prob: float = 1.0, switch_prob: float = 0.5, num_classes: int = 10,
+              generator: torch.Generator | None = None, rng: random.Random | None = None):
+    """Mixup (Zhang et al., 2018) or CutMix of a batch, with each sample's partner another sample of it;
+    returns the batch and its targets (soft, rows summing to 1, when mixed; the hard labels otherwise).
+
+    timm's Mixup semantics, batch mode: a share mix_prob of the batches is mixed; with both alphas on,
+    a mixed batch uses CutMix with probability switch_prob, else Mixup; an alpha of 0 turns its method
+    off. One lambda ~ Beta(alpha, alpha) per batch. Mixup blends whole images by lambda; CutMix pastes
+    the partner's pixels into one box and weighs the targets by the area actually pasted (the box is
+    clipped at the borders), so the targets always say how much of each image the model sees.
+
+    The batch-level draws (whether to mix, which method, lambda, the box) come from rng (None: Python's
+    global one), the partners from generator (on x's device; None: torch's global RNG). torchvision's
+    v2.MixUp and v2.CutMix would draw from torch's global RNG, which a run cannot own; drawn on the host,
+    the box is plain integers, so slicing by it never makes a GPU sync.
     """
-    if alpha <= 0:
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return x, y
-    targets = F.one_hot(y, num_classes).to(x.dtype)
+    rng = rng or random
+    if mix_prob < 1 and rng.random() >= mix_prob:  # no draw at 1: mixup alone replays its old stream
+        return x, y
+    cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
     # Python's Beta sampler: torch's takes no generator, and one lambda per batch is host work anyway.
-    lam = (rng or random).betavariate(alpha, alpha)
+    lam = rng.betavariate(*(2 * [cutmix_alpha if cutmix else mixup_alpha]))
     perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
-    return lam * x + (1 - lam) * x[perm], lam * targets + (1 - lam) * targets[perm]
+    targets = F.one_hot(y, num_classes).to(x.dtype)
+    if cutmix:
+        top, bottom, left, right = cutmix_box(lam, x.shape[2], x.shape[3], rng)
+        x = x.clone()
+        x[:, :, top:bottom, left:right] = x[perm, :, top:bottom, left:right]
+        lam = 1.0 - (bottom - top) * (right - left) / (x.shape[2] * x.shape[3])
+    else:
+        x = lam * x + (1 - lam) * x[perm]
+    return x, lam * targets + (1 - lam) * targets[perm]
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -237,7 +278,8 @@ class DeviceLoader:
     only normalised for evaluation. Training drops the last partial batch; evaluation keeps all."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool, augment: bool = True,
-                 randaug_ops: int = RANDAUG_OPS, randaug_magnitude: int = RANDAUG_MAGNITUDE,
+                 randaug_ops: int = RANDAUG_OPS, randaug_magnitude: int = RANDAUG_MAGNITUDE, erase_prob: float = 0.0,
+                 erase_area: tuple[float, float] = (0.02, 1 / 3), erase_aspect: tuple[float, float] = (0.3, 3.3),
                  generator: torch.Generator | None = None, host_generator: torch.Generator | None = None):
         """generator (on the images' device) shuffles, crops and flips; host_generator (CPU) draws RandAugment's
         ops. None: torch's global RNGs. A run's own pair keeps its batches its own, whatever runs beside it."""
@@ -249,7 +291,8 @@ class DeviceLoader:
         self.generator = generator
         if train and augment:
             self.transform = partial(train_transform, generator=generator, host_generator=host_generator,
-                                     num_ops=randaug_ops, magnitude=randaug_magnitude)
+                                     num_ops=randaug_ops, magnitude=randaug_magnitude, erase_prob=erase_prob,
+                                     erase_area=erase_area, erase_aspect=erase_aspect)
         else:
             self.transform = eval_transform
 

@@ -103,13 +103,14 @@ class TensorBoardLogger:
 def log_hparams(log_dir: str, hparams_dict: dict, metrics: dict):
     """One run's parameters and final figures for TensorBoard's HParams dashboard (table, parallel coordinates).
 
-    Values must be numbers, strings or booleans; None becomes the string "none". Metrics are
+    Values must be numbers, strings or booleans; None becomes the string "none", a range "MIN MAX". Metrics are
     written as scalars "hparams/<name>" in the same folder as the run's curves.
     """
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
-    clean = {k: ("none" if v is None else v) for k, v in hparams_dict.items()}
+    clean = {k: ("none" if v is None else " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+             for k, v in hparams_dict.items()}
     tags = {f"hparams/{k}": v for k, v in metrics.items()}
     # SummaryWriter.add_hparams would open a second writer in a time-stamped subfolder; one file beside
     # the run's curves keeps each run a single row of the dashboard.

@@ -243,7 +243,7 @@ def run(args, splits=None):
     if args.jobs > 1:
         return run_workers(args, study, splits, out_dir)
     if splits is None:
-        ds = load_cifar10(args.data_dir, download=not args.no_download)
+        ds = load_cifar10(args.data_dir, download=not args.no_download, test=False)  # stage 1 never tests
         splits = train_val_splits(ds, subset_ratio=args.subset)
     splits = splits.to(device)
     base = TrainConfig(epochs=args.epochs, patience=args.patience, subset_ratio=args.subset, seed=args.seed,

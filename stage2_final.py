@@ -29,7 +29,7 @@ from candidates import CONFIG_KEYS, SCHEDULE_FLAGS, Candidate, candidates_from_f
 from checkpoint import load_into, save_checkpoint
 from cli import (OneLineParser, StoppedForTime, add_common_flags, add_time_limit, check_positive, check_writable,
                  default_storage, epoch_line, nothing_fits, resolve_device, run_main)
-from data import DataError, find_cifar10, load_cifar10, train_val_splits
+from data import TEST_FILE, DataError, find_cifar10, load_cifar10, train_val_splits
 from evaluate import TEST_OUTPUTS, evaluate_checkpoint
 from report import TensorBoardLogger, code_version, log_hparams, plot_curves, write_json
 from reports import epochs_phrase, test_row, unfinished_row, write_report
@@ -244,7 +244,10 @@ def run(args, ds=None) -> list:
         return rows
     check_writable(out_dir)
     if ds is None:  # before any model is claimed: a mistyped --data-dir fails here, naming the folder
-        find_cifar10(args.data_dir, download=not args.no_download)
+        folder = find_cifar10(args.data_dir, download=not args.no_download)
+        if not os.path.isfile(os.path.join(folder, TEST_FILE)):
+            tqdm.write(f"note: {folder} has no {TEST_FILE}: the models train without it (they never read it), and "
+                       f"their test waits until it is there; this same command then tests them")
     tqdm.write(f"stage 2: {len(candidates)} model(s): {', '.join(c.name for c in candidates)}")
     fresh_since = started if args.fresh else None
     todo = []
@@ -255,7 +258,7 @@ def run(args, ds=None) -> list:
             tqdm.write(f"{c.name}: already trained and tested; skipping it (delete its {DONE} to test it again)")
     if todo:
         if ds is None:
-            ds = load_cifar10(args.data_dir, download=not args.no_download)
+            ds = load_cifar10(args.data_dir, download=not args.no_download, test=False)  # read when tested
         splits = train_val_splits(ds, subset_ratio=args.subset, device=device)
     for c in todo:
         run_dir = run_dirs[c.name]

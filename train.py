@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from augment import MAGNITUDE_BINS
-from data import RANDAUG_MAGNITUDE, RANDAUG_OPS, DeviceLoader, loss_fn, mixup
+from data import RANDAUG_MAGNITUDE, RANDAUG_OPS, DeviceLoader, loss_fn, mix_batch
 from vit import ViT, ViTConfig
 
 
@@ -46,6 +46,13 @@ class TrainConfig:
     randaug_magnitude: int = RANDAUG_MAGNITUDE  # RandAugment strength, of 31 bins (the seed's, torchvision's default)
     batch_size: int = 128
     mixup_alpha: float = 0.0  # 0 turns mixup off
+    # Regularisers for long schedules (docs/recipe.md): off by default, since at 10-30 epochs none of them paid.
+    cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha) for the pasted box's share; 0 turns CutMix off
+    mix_prob: float = 1.0  # share of the batches mixed (by Mixup or CutMix, whichever is on)
+    switch_prob: float = 0.5  # with both Mixup and CutMix on: the share of the mixed batches that use CutMix
+    erase_prob: float = 0.0  # random erasing: the share of training images that get a box of noise; 0: off
+    erase_area: tuple[float, float] = (0.02, 1 / 3)  # the erased box's area, as shares of the image (timm's)
+    erase_aspect: tuple[float, float] = (0.3, 3.3)  # its height / width, drawn log-uniformly (timm's)
     epochs: int = 20  # the schedule's length; early stopping may end sooner
     patience: int = 6  # epochs without a better validation accuracy before stopping
     # data
@@ -69,6 +76,18 @@ class TrainConfig:
         if self.randaug_ops < 0 or not 0 <= self.randaug_magnitude < MAGNITUDE_BINS:
             raise ValueError(f"randaug_ops must be >= 0 and randaug_magnitude in 0..{MAGNITUDE_BINS - 1}, got "
                              f"{self.randaug_ops}, {self.randaug_magnitude}")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
+        for name in ("mix_prob", "switch_prob", "erase_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability, in [0, 1], got {getattr(self, name)}")
+        self.erase_area = _range("erase_area", self.erase_area)
+        self.erase_aspect = _range("erase_aspect", self.erase_aspect)
+        if not 0.0 < self.erase_area[0] <= self.erase_area[1] <= 1.0:
+            raise ValueError(f"erase_area must be two shares MIN MAX with 0 < MIN <= MAX <= 1, got {self.erase_area}")
+        if not 0.0 < self.erase_aspect[0] <= self.erase_aspect[1]:
+            raise ValueError(f"erase_aspect must be two ratios MIN MAX with 0 < MIN <= MAX, got {self.erase_aspect}")
         for name in ("batch_size", "epochs", "patience"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -87,7 +106,29 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Ranges as lists: what JSON gives back, so that a config.json or done.json compares equal to it.
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+# Fields added after runs had been stored, whose defaults (off) are what the code before them did.
+ADDED_OFF_FIELDS = ("cutmix_alpha", "mix_prob", "switch_prob", "erase_prob", "erase_area", "erase_aspect")
+
+
+def with_defaults(config: dict) -> dict:
+    """A configuration stored before ADDED_OFF_FIELDS existed (a checkpoint's, a done.json's) as to_dict() gives
+    it today, so that such a run continues and counts as the same configuration. Other missing keys stay
+    missing: an older field's default may differ from what its absence meant (sgd_lr_scale's 100 was 1)."""
+    defaults = TrainConfig().to_dict()
+    return {**{k: defaults[k] for k in ADDED_OFF_FIELDS}, **config}
+
+
+def _range(name: str, value) -> tuple[float, float]:
+    """A (min, max) pair from a tuple, or the list a JSON file or checkpoint holds."""
+    try:
+        lo, hi = value
+        return float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be two numbers MIN MAX, got {value!r}") from None
 
 
 # The recipe around the searched dimensions: one flag each, so that any choice can be switched off.
@@ -101,6 +142,15 @@ RECIPE_FLAGS = {
     "pool": (str, "what the head classifies: cls (the class token) or mean (the average of the patch tokens)"),
     "randaug_ops": (int, "RandAugment ops per training image; 0 turns RandAugment off (crop and flip stay)"),
     "randaug_magnitude": (int, f"RandAugment magnitude, 0..{MAGNITUDE_BINS - 1} (torchvision's bins)"),
+    "cutmix_alpha": (float, "CutMix: Beta(alpha, alpha) draws the share of each mixed batch's images kept outside "
+                            "the pasted box; the targets are mixed by the area actually pasted; 0 turns it off"),
+    "mix_prob": (float, "share of the batches that Mixup or CutMix mixes, when either is on"),
+    "switch_prob": (float, "with both mixup (the search's mixup_alpha) and CutMix on: the share of mixed batches that "
+                           "use CutMix instead of Mixup"),
+    "erase_prob": (float, "random erasing (timm's, pixel mode): the share of training images given a box of "
+                          "noise; 0 turns it off"),
+    "erase_area": (float, "random erasing's box area, two shares of the image MIN MAX"),
+    "erase_aspect": (float, "random erasing's box height/width, two ratios MIN MAX (drawn log-uniformly)"),
 }
 
 
@@ -109,8 +159,15 @@ def add_recipe_flags(parser):
     group = parser.add_argument_group("recipe (defaults: the seed's recipe; docs/recipe.md)")
     defaults = TrainConfig()
     for name, (kind, text) in RECIPE_FLAGS.items():
-        group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=kind.__name__.upper(),
-                           help=f"{text} (default: {getattr(defaults, name)})")
+        default = getattr(defaults, name)
+        pair = isinstance(default, tuple)
+        group.add_argument(recipe_flag(name), type=kind, default=None, nargs=2 if pair else None,
+                           metavar=("MIN", "MAX") if pair else kind.__name__.upper(),
+                           help=f"{text} (default: {' '.join(f'{v:.3g}' for v in default) if pair else default})")
+
+
+def recipe_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def recipe_overrides(args, parser=None) -> dict:
@@ -120,6 +177,11 @@ def recipe_overrides(args, parser=None) -> dict:
     """
     overrides = {name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name, None) is not None}
     if parser is not None:
+        for name, value in overrides.items():  # one at a time, so that the line names the flag at fault
+            try:
+                TrainConfig(**{name: value})
+            except ValueError as e:
+                parser.error(f"{recipe_flag(name)}: {e}")
         try:
             TrainConfig(**overrides)
         except ValueError as e:
@@ -172,9 +234,9 @@ COMPILE_HELP = ("torch.compile the model: --compile alone is torch's default mod
 class RunRandom:
     """A run's own random streams, so that nothing else in the process can move them.
 
-    device: on the training device (shuffling, crops, flips, drop-path, mixup's partners); host: a
-    CPU generator (RandAugment's op choices: host-side, so a GPU never syncs for them); python:
-    mixup's Beta-distributed lambda. On a CPU run device and host are two generators of the same
+    device: on the training device (shuffling, crops, flips, random erasing, drop-path, the mixing
+    partners); host: a CPU generator (RandAugment's op choices: host-side, so a GPU never syncs for
+    them); python: the mixing's per-batch draws (whether and how to mix, lambda, CutMix's box). On a CPU run device and host are two generators of the same
     kind, seeded apart. (The model's init has a generator of its own, used once.)
     """
 
@@ -360,6 +422,8 @@ class Trainer:
         self.random = RunRandom(cfg.seed, device)
         self.train_loader = DeviceLoader(train_images, train_labels, cfg.batch_size, train=True, augment=cfg.augment,
                                          randaug_ops=cfg.randaug_ops, randaug_magnitude=cfg.randaug_magnitude,
+                                         erase_prob=cfg.erase_prob, erase_area=cfg.erase_area,
+                                         erase_aspect=cfg.erase_aspect,
                                          generator=self.random.device, host_generator=self.random.host)
         model = ViT(cfg.vit_config())
         # A generator of the init's own, on the CPU (then moved): the same init on every device, and one that
@@ -427,7 +491,8 @@ class Trainer:
         log_lines, last_log = self.progress and bar.disable, t0
         shown = None  # the bar's loss: copied off the device without waiting, and shown at the next update
         for i, (x, y) in enumerate(bar):
-            x, targets = mixup(x, y, cfg.mixup_alpha, generator=self.random.device, rng=self.random.python)
+            x, targets = mix_batch(x, y, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.switch_prob,
+                                   generator=self.random.device, rng=self.random.python)
             self.optimizer.zero_grad(set_to_none=True)
             # Gradients of micro-batches, each weighted by its share, add up to the whole batch's.
             for xm, tm, ym in zip(x.split(self.micro_batch), targets.split(self.micro_batch), y.split(self.micro_batch)):

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from cli import StorageError
 from data import DataError
+from train import with_defaults
 
 
 # ----------------------------------------------------------------------------- storage and study
@@ -494,6 +495,6 @@ def finished_row(run_dir: str, config: dict, other_config, fresh_since: float | 
         return None
     if fresh_since is not None and row.get("finished_at", 0) < fresh_since:
         return None
-    if row.get("config") != config:
+    if with_defaults(row.get("config") or {}) != config:
         raise other_config(path)
     return row

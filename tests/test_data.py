@@ -9,7 +9,7 @@ import torch
 
 import data
 from conftest import REAL_DATA, needs_real_data
-from data import DataError, DeviceLoader, load_cifar10, loss_fn, mixup, split_indices, final_test_set, train_val_splits
+from data import DataError, DeviceLoader, load_cifar10, loss_fn, mix_batch, split_indices, final_test_set, train_val_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,14 +112,14 @@ def test_mixup_makes_soft_targets_whose_rows_sum_to_one():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (16,), generator=g)
-    xm, t = mixup(x, y, alpha=0.1, generator=torch.Generator().manual_seed(1), rng=FixedLambda())
+    xm, t = mix_batch(x, y, mixup_alpha=0.1, generator=torch.Generator().manual_seed(1), rng=FixedLambda())
     perm = torch.randperm(16, generator=torch.Generator().manual_seed(1))  # the partners mixup drew
     hard = torch.nn.functional.one_hot(y, 10).float()
     torch.testing.assert_close(xm, 0.3 * x + 0.7 * x[perm])
     torch.testing.assert_close(t, 0.3 * hard + 0.7 * hard[perm])
     torch.testing.assert_close(t.sum(1), torch.ones(16))
     assert (t > 0).sum(1).max() == 2  # two classes mixed in some row
-    x0, y0 = mixup(x, y, alpha=0.0)
+    x0, y0 = mix_batch(x, y, mixup_alpha=0.0)
     assert torch.equal(x0, x) and torch.equal(y0, y)
 
 

@@ -87,3 +87,24 @@ def test_predict_names_real_test_images_of_every_class_at_other_sizes(tmp_path):
     assert len(lines) == len(paths)
     for line, path, label in zip(lines, paths, labels):
         assert line.startswith(f"{path}: {label} "), line
+
+
+def test_the_shipped_weights_load_unchanged_into_timm_and_give_the_same_logits():
+    """vit.py keeps timm's names and layout: README's three lines load the file into timm's VisionTransformer
+    (LayerNorm eps 1e-5, torch's default; timm's is 1e-6) with strict=True, and both models answer alike."""
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    state = torch.load(SHIPPED, weights_only=True)
+    cfg = state["config"]
+    theirs = VisionTransformer(img_size=32, patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"],
+                               depth=cfg["depth"], num_heads=cfg["num_heads"], num_classes=10,
+                               norm_layer=partial(torch.nn.LayerNorm, eps=1e-5))
+    theirs.load_state_dict(state["model"], strict=True)
+    ours = evaluate.model_from_checkpoint(state, "cpu")
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = ours.eval()(x), theirs.eval()(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.argmax(1), b.argmax(1))

@@ -149,7 +149,9 @@ def test_early_stopping_stops_at_the_right_epoch_and_keeps_the_best(tmp_path, ds
 
 
 def test_an_interrupted_run_resumes_at_the_next_epoch_and_ends_as_an_uninterrupted_one(tmp_path, ds, monkeypatch):
-    path = config_file(tmp_path / "c.json", {**TINY, "mixup_alpha": 0.1})  # mixup: the RNG state must carry over too
+    # Every random draw of the long-schedule recipe (mixing, its box, erasing): the RNG state must carry over too.
+    path = config_file(tmp_path / "c.json", {**TINY, "mixup_alpha": 0.1, "cutmix_alpha": 1.0, "mix_prob": 0.5,
+                                             "erase_prob": 0.25})
     full = run(args_for(tmp_path / "full", "--config", path), ds=ds)
 
     class InterruptAfterEpoch1(TensorBoardLogger):
@@ -455,3 +457,31 @@ def test_a_results_folder_this_code_cannot_continue_is_refused_in_one_line_and_k
                                   cwd=ROOT, capture_output=True, text=True, timeout=300)
             assert (proc.returncode, proc.stderr) == (code, err)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_models_train_without_the_test_batch_and_the_same_command_tests_them_once_it_is_there(
+        tmp_path, fake_cifar_dir, capsys, monkeypatch):
+    """A machine that trains (a rented GPU) need never hold the test images: stage 2 trains, stops in one line
+    at the test, and the same command, once test_batch is there, tests the model without training it again."""
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    source = os.path.join(fake_cifar_dir, "cifar-10-batches-py")
+    for name in os.listdir(source):
+        if name != "test_batch":
+            os.symlink(os.path.join(source, name), folder / name)
+    command = ["--config", config_file(tmp_path / "c.json", TINY), "--data-dir", str(tmp_path / "data"),
+               "--no-download", "--device", "cpu", "--epochs", "1", "--subset", "0.005", "--results", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit:
+        stage2_final.main(command)
+    out, err = capsys.readouterr()
+    assert exit.value.code == 1 and "has no test_batch: the models train without it" in out
+    assert err.startswith(f"error: CIFAR-10's test batch {folder}/test_batch is missing (training never reads it)")
+    assert err.count("\n") == 1, err
+    run_dir = tmp_path / "stage2" / "config_0"
+    assert (run_dir / "best.pt").exists() and not (run_dir / "test_metrics.json").exists()
+
+    os.symlink(os.path.join(source, "test_batch"), folder / "test_batch")
+    seen = epochs_trained(monkeypatch)
+    stage2_final.main(command)
+    assert seen == [] and "already trained (1 epoch); evaluating only" in capsys.readouterr().out
+    assert json.loads((run_dir / "test_metrics.json").read_text())["test_images"] == 10000

@@ -1,3 +1,4 @@
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -69,13 +70,22 @@ def test_a_diverging_run_raises_diverged():
         trainer.fit()
 
 
-def test_resuming_from_a_state_dict_matches_an_uninterrupted_run():
-    full = make_trainer(epochs=4, mixup_alpha=0.1).fit()
-    first = make_trainer(epochs=4, mixup_alpha=0.1)
+# Every random draw of a run: mixup alone, and the long-schedule recipe's fields with both mixings on, so that
+# whether a batch is mixed, which way, its box and each image's erasing all come from the run's own streams.
+RANDOM_RECIPES = {"mixup": dict(mixup_alpha=0.1),
+                  "long": dict(mixup_alpha=0.2, cutmix_alpha=1.0, mix_prob=0.5, switch_prob=0.5, erase_prob=0.25,
+                               label_smoothing=0.1)}
+
+
+@pytest.mark.parametrize("recipe", RANDOM_RECIPES)
+def test_resuming_from_a_state_dict_matches_an_uninterrupted_run(recipe):
+    recipe = RANDOM_RECIPES[recipe]
+    full = make_trainer(epochs=4, **recipe).fit()
+    first = make_trainer(epochs=4, **recipe)
     first.fit(on_epoch=lambda t, rec: setattr(t, "bad_epochs", 10**6) if rec["epoch"] == 2 else None)
     state = first.state_dict()
     state["early_stopping"]["bad_epochs"] = 0  # undo the forced stop
-    second = make_trainer(epochs=4, mixup_alpha=0.1)
+    second = make_trainer(epochs=4, **recipe)
     second.load_state_dict(state)
     resumed = second.fit()
     assert [r["epoch"] for r in resumed] == [1, 2, 3, 4]
@@ -223,13 +233,14 @@ def test_off_a_terminal_progress_comes_as_steady_lines(capsys):
     assert lines[0].split()[:4] == ["epoch", "1/1", "batch", "1/4"] and "img/s" in lines[0] and "ends in" in lines[-1]
 
 
-def test_a_run_gives_the_same_history_alone_and_beside_another():
+@pytest.mark.parametrize("recipe", RANDOM_RECIPES)
+def test_a_run_gives_the_same_history_alone_and_beside_another(recipe):
     """Each Trainer draws from its own generators: a second run started mid-way (its init, its shuffling,
-    augmentation, drop-path and mixup) moves nothing of the first. Before, every Trainer re-seeded torch's
-    global RNG, which all of those drew from."""
+    augmentation, erasing, drop-path and mixing) moves nothing of the first. Before, every Trainer re-seeded
+    torch's global RNG, which all of those drew from."""
     import threading
 
-    recipe = dict(epochs=3, mixup_alpha=0.1, drop_path=0.2, randaug_ops=2)
+    recipe = dict(epochs=3, drop_path=0.2, randaug_ops=2, **RANDOM_RECIPES[recipe])
     alone = make_trainer(**recipe).fit()
     first = make_trainer(**recipe)
     other_started = threading.Event()
@@ -239,7 +250,8 @@ def test_a_run_gives_the_same_history_alone_and_beside_another():
             other = make_trainer(**recipe)
             threading.Thread(target=lambda: (other_started.set(), other.fit()), daemon=True).start()
             other_started.wait()
-            torch.manual_seed(12345)  # and someone re-seeds the global RNG for good measure
+            torch.manual_seed(12345)  # and someone re-seeds the global RNGs for good measure
+            random.seed(12345)
 
     beside = first.fit(on_epoch=start_another)
     keys = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
