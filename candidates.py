@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from cli import StorageError
 from data import DataError
-from train import TrainConfig, recipe_overrides
+from train import LONG_RECIPE, TrainConfig, recipe_overrides
 from workers import completed_by_value, open_existing_study, redact_url
 
 CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
@@ -28,9 +28,13 @@ class Candidate:
     stage1_val_acc: float | None = None
 
 
-def stage2_config(d: dict, args) -> TrainConfig:
-    # Recipe flags given on the command line win over the configuration's own values.
-    return TrainConfig.from_dict({**d, **recipe_overrides(args), "epochs": args.epochs, "patience": args.patience,
+def stage2_config(d: dict, args, from_study: bool = False) -> TrainConfig:
+    """d with stage 2's schedule and recipe. Recipe flags given on the command line win over everything; then,
+    for a stage-1 trial (from the study or top3.json), stage 2's recipe (LONG_RECIPE) over the 20-epoch proxy's,
+    which was chosen for ranking, not for 120 epochs; for a configuration of a --config file, its own keys over
+    stage 2's recipe: it says what to train."""
+    recipe = {**d, **LONG_RECIPE} if from_study else {**LONG_RECIPE, **d}
+    return TrainConfig.from_dict({**recipe, **recipe_overrides(args), "epochs": args.epochs, "patience": args.patience,
                                   "subset_ratio": args.subset})
 
 
@@ -64,7 +68,7 @@ def candidates_from_trials(study: optuna.Study, args) -> list:
             tqdm.write(f"note: {where} has only {len(chosen)} completed trial(s); retraining those instead of "
                        f"the top {args.top_k}")
     # params win over the stored config: they are what Optuna proposed, and every key is a TrainConfig field.
-    return [Candidate(f"trial_{t.number:04d}", stage2_config({**t.user_attrs.get("config", {}), **t.params}, args),
+    return [Candidate(f"trial_{t.number:04d}", stage2_config({**t.user_attrs.get("config", {}), **t.params}, args, from_study=True),
                       f"stage-1 trial {t.number} of {where}", t.value)
             for t in chosen]
 
@@ -100,7 +104,7 @@ def candidates_from_file(path: str, args) -> list:
             raise DataError(f"--config {path}, configuration {i}: unknown key(s) {', '.join(unknown)}; "
                             f"known keys: {', '.join(k for k in CONFIG_KEYS if k not in SCHEDULE_FLAGS)}")
         try:
-            cfg = stage2_config(d, args)
+            cfg = stage2_config(d, args, from_study="params" in entry)  # a top3.json entry is a stage-1 trial
         except (TypeError, ValueError) as e:
             raise DataError(f"--config {path}, configuration {i}: {e}") from None
         name = f"trial_{number:04d}" if isinstance(number, int) else f"config_{i}"

@@ -33,8 +33,8 @@ from data import TEST_FILE, DataError, find_cifar10, load_cifar10, train_val_spl
 from evaluate import TEST_OUTPUTS, evaluate_checkpoint
 from report import TensorBoardLogger, code_version, log_hparams, plot_curves, write_json
 from reports import epochs_phrase, test_row, unfinished_row, write_report
-from train import (AMP_HELP, AMP_MODES, COMPILE_HELP, COMPILE_MODES, Diverged, Trainer, add_recipe_flags,
-                   recipe_overrides, warmup_note)
+from train import (AMP_HELP, AMP_MODES, COMPILE_HELP, COMPILE_MODES, LONG_RECIPE, Diverged, Trainer,
+                   add_recipe_flags, recipe_overrides, warmup_note)
 from workers import DONE, finished_row, process_identity, redact_url, release_claim, take_claim
 
 # Everything a run writes into its folder; --fresh removes exactly these, nothing a person put there
@@ -87,9 +87,6 @@ def train_model(c: Candidate, splits, args, device, run_dir: str, progress: Prog
     if os.path.isfile(last) and not args.fresh:  # one this run cannot continue is refused, never overwritten
         load_into(trainer, last, again="pass --fresh to start it over (its checkpoints are deleted), or --results to "
                                        "write elsewhere", other_config=lambda: _other_config(c, last))
-        if not trainer.replays_exactly:
-            tqdm.write(f"note: {last} was written on another kind of device, whose random stream cannot carry over "
-                       f"here: the run goes on, but not exactly as an uninterrupted one would have")
     else:
         clear_run(run_dir)  # a run from scratch must not inherit the curves or checkpoints of an older one
     if trainer.epoch == 0 or not os.path.isfile(os.path.join(run_dir, "config.json")):
@@ -97,6 +94,9 @@ def train_model(c: Candidate, splits, args, device, run_dir: str, progress: Prog
                    "stage1_val_acc": c.stage1_val_acc, "config": cfg.to_dict(), "code_version": code_version()})
 
     done = trainer.epoch >= cfg.epochs or trainer.stopped_early
+    if not done and not trainer.replays_exactly:  # a finished run trains no more: nothing for the note to warn of
+        tqdm.write(f"note: {last} was written on another kind of device, whose random stream cannot carry over "
+                   f"here: the run goes on, but not exactly as an uninterrupted one would have")
     if done:
         tqdm.write(f"{c.name}: already trained ({epochs_phrase(trainer.epoch)}); evaluating only")
     else:
@@ -211,7 +211,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=AMP_MODES, default="auto", help=AMP_HELP)
     p.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES, help=COMPILE_HELP)
     add_time_limit(p)
-    add_recipe_flags(p)
+    add_recipe_flags(p, LONG_RECIPE, "the long-schedule recipe, over a stage-1 trial's; a --config file's own keys "
+                                     "win over it")
     args = p.parse_args(argv)
     recipe_overrides(args, p)
     check_positive(p, args, ("top_k", "epochs", "patience"))

@@ -2,6 +2,7 @@ import json
 import os
 import re
 
+import pytest
 import torch
 
 import ablation
@@ -85,6 +86,36 @@ def test_the_defaults_are_the_seeds_recipe_everywhere():
     phrase = (f"RandAugment({default.randaug_ops}, {default.randaug_magnitude}), drop-path {default.drop_path:g}, "
               f"gradient clipping at {default.grad_clip:g}")
     assert phrase in readme
+
+
+def test_stage_2_defaults_to_the_long_recipe_its_run_measured(capsys):
+    """Stage 2's recipe is configs/long_recipe.json's, the 120-epoch run's: over a stage-1 trial's proxy recipe,
+    under a --config file's own keys, under a flag; its --help shows it."""
+    import candidates
+    from train import LONG_RECIPE
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "results", "reference", "120ep_long_recipe", "stage2", "config_0", "config.json")) as f:
+        evidence = json.load(f)["config"]
+    path = os.path.join(root, "configs", "long_recipe.json")
+    (c,) = stage2_final.candidates_from_file(path, stage2_final.parse_args(["--config", path]))
+    assert c.config.to_dict() == evidence  # the file rebuilds the run's configuration field for field
+    best = os.path.join(root, "configs", "seed_best.json")
+    shape_only = {k: v for k, v in json.load(open(best)).items() if k not in LONG_RECIPE}
+    args = stage2_final.parse_args([])
+    assert candidates.stage2_config(shape_only, args).to_dict() == evidence  # a file's missing keys: the long recipe
+    proxy = ablation.TrainConfig(**shape_only).to_dict()  # a stage-1 trial: the seed's recipe, on the proxy
+    assert candidates.stage2_config(proxy, args, from_study=True).to_dict() == evidence
+    seed = stage2_final.candidates_from_file(best, stage2_final.parse_args(["--config", best]))[0].config
+    assert (seed.cutmix_alpha, seed.weight_decay, seed.warmup_epochs) == (0.0, 0.01, 2)  # its own keys win
+    flagged = candidates.stage2_config(proxy, stage2_final.parse_args(["--erase-prob", "0"]), from_study=True)
+    assert flagged.erase_prob == 0.0 and flagged.cutmix_alpha == 1.0
+    with pytest.raises(SystemExit):
+        stage2_final.parse_args(["--help"])
+    shown = re.sub(r"\s+", " ", capsys.readouterr().out)
+    for flag, value in (("--cutmix-alpha FLOAT", "1.0"), ("--erase-prob FLOAT", "0.25"), ("--weight-decay FLOAT", "0.05"),
+                        ("--warmup-epochs INT", "5"), ("--label-smoothing FLOAT", "0.1"), ("--mix-prob FLOAT", "0.5")):
+        assert re.search(re.escape(flag) + r" (?:(?! --).)*?\(default: " + re.escape(value) + r"\)", shown), flag
 
 
 def test_a_variant_with_the_same_configuration_reuses_the_finished_run(tmp_path, monkeypatch):

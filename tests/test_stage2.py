@@ -80,8 +80,9 @@ def test_after_a_tiny_stage1_it_trains_tests_and_reports_the_top_trials(tmp_path
         run_dir = out / r["model"]
         assert all((run_dir / name).exists() for name in OUTPUTS)
         last = torch.load(run_dir / "last.pt", weights_only=True)
-        # stage 1's config with stage 2's epochs, patience and all 200 training images
-        assert last["config"] == TrainConfig(**{**TINY, "lr": lr}, epochs=2, patience=2, subset_ratio=1.0).to_dict()
+        # stage 1's config with stage 2's recipe, epochs, patience and all 200 training images
+        assert last["config"] == TrainConfig(**{**TINY, "lr": lr, **train.LONG_RECIPE}, epochs=2, patience=2,
+                                             subset_ratio=1.0).to_dict()
         assert last["epoch"] == 2 and {"optimizer", "scheduler", "rng", "early_stopping"} <= last.keys()
         best = torch.load(run_dir / "best.pt", weights_only=True)
         assert best["epoch"] == last["early_stopping"]["best_epoch"] == r["best_epoch"]
@@ -485,3 +486,20 @@ def test_models_train_without_the_test_batch_and_the_same_command_tests_them_onc
     stage2_final.main(command)
     assert seen == [] and "already trained (1 epoch); evaluating only" in capsys.readouterr().out
     assert json.loads((run_dir / "test_metrics.json").read_text())["test_images"] == 10000
+
+
+def test_a_finished_run_from_another_kind_of_device_is_tested_without_a_note_about_its_random_stream(
+        tmp_path, ds, capsys):
+    """A run trained on a GPU and tested on a CPU (results/reference/120ep_long_recipe/): nothing trains any more,
+    so the note that the device's random stream cannot carry over would only alarm."""
+    path = config_file(tmp_path / "c.json", TINY)
+    run(args_for(tmp_path, "--config", path, "--epochs", "1"), ds=ds)
+    run_dir = tmp_path / "stage2" / "config_0"
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    state["rng"] = {**state["rng"], "device_type": "cuda", "device": torch.zeros(16, dtype=torch.uint8)}
+    torch.save(state, run_dir / "last.pt")
+    (run_dir / "done.json").unlink()
+    capsys.readouterr()
+    run(args_for(tmp_path, "--config", path, "--epochs", "1"), ds=ds)
+    out = capsys.readouterr().out
+    assert "already trained (1 epoch); evaluating only" in out and "another kind of device" not in out
