@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from cli import StorageError
+from cli import StorageError, closest
 from data import DataError
 from train import LONG_RECIPE, TrainConfig, recipe_overrides
 from workers import completed_by_value, open_existing_study, redact_url
@@ -101,8 +101,10 @@ def candidates_from_file(path: str, args) -> list:
                                 f"remove it from the file")
         unknown = sorted(set(d) - set(CONFIG_KEYS))
         if unknown:
-            raise DataError(f"--config {path}, configuration {i}: unknown key(s) {', '.join(unknown)}; "
-                            f"known keys: {', '.join(k for k in CONFIG_KEYS if k not in SCHEDULE_FLAGS)}")
+            keys = [k for k in CONFIG_KEYS if k not in SCHEDULE_FLAGS]
+            hints = "".join(f" (did you mean {c[0]}?)" for k in unknown for c in [closest(k, keys)] if c)
+            raise DataError(f"--config {path}, configuration {i}: unknown key(s) {', '.join(unknown)}{hints}; "
+                            f"known keys: {', '.join(keys)}")
         try:
             cfg = stage2_config(d, args, from_study="params" in entry)  # a top3.json entry is a stage-1 trial
         except (TypeError, ValueError) as e:

@@ -3,16 +3,19 @@ and its exit code, the results folder's writability check, the one --device reso
 `run_main` that turns the project's errors into one line and an exit code.
 
 A run cut by --time-limit ends with EXIT_TIME_LIMIT (75, sysexits' EX_TEMPFAIL: "try again later"),
-so that a job script can tell it from a finished run (0), a failed one (1), a usage error (2) and
-Ctrl-C (130), and start the same command again:
+so that a job script can tell it from a finished run (0), a failed one (1), a usage error (2),
+Ctrl-C (130) and SIGTERM (143), and start the same command again:
 
     python stage2_final.py --time-limit 2h40m ...; [ $? -eq 75 ] && echo "not finished: run it again"
 """
 
 import argparse
+import contextlib
+import difflib
 import os
 import re
 import shlex
+import signal
 import sys
 import tempfile
 
@@ -27,10 +30,21 @@ _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors in one line: the usage is in --help."""
+    """Usage errors in one line: the usage is in --help; a misspelt flag gets the closest one's name."""
 
     def error(self, message):
+        unknown = re.fullmatch(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            known = set(re.findall(r"--[a-z][a-z0-9-]*", self.format_help()))
+            hints = [f"did you mean {close[0]}?" for arg in unknown.group(1).split() if arg.startswith("--")
+                     for close in [closest(arg.split("=")[0], known)] if close]
+            message = "; ".join([message, *hints])
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def closest(name: str, names) -> list:
+    """The known name nearest a misspelt one (difflib's ratio at least 0.6), as a list of one, or []."""
+    return difflib.get_close_matches(name, list(names), n=1)
 
 
 def duration(text: str) -> float:
@@ -102,18 +116,76 @@ def check_positive(parser: argparse.ArgumentParser, args, names):
 
 
 def epoch_line(name: str, record: dict, history: list, epochs: int) -> str:
-    """One finished epoch in words, with the time the rest of the run takes at most (from the last 5 epochs)."""
-    recent = [r.get("epoch_s", r["epoch_time"]) for r in history[-5:]]
-    left = (epochs - record["epoch"]) * sum(recent) / len(recent)
-    eta = f", at most {clock(left)} left" if left > 0 else ""  # early stopping may end it sooner
+    """One finished epoch in words, printed whether or not a terminal shows progress bars (a log file gets
+    every epoch): its figures, the training speed, the run's time so far (every epoch of its history, those of
+    earlier pieces too) and the time the rest takes at most (from the last 5 epochs)."""
+    took = [r.get("epoch_s", r["epoch_time"]) for r in history]
+    left = (epochs - record["epoch"]) * sum(took[-5:]) / len(took[-5:])
+    eta = f", at most {clock(left, precise=left < 600)} left" if left > 0 else ""  # early stopping may end it sooner
+    speed = f", {record['train_img_s']:.0f} img/s" if "train_img_s" in record else ""
     return (f"{name} epoch {record['epoch']:3d}/{epochs}: train loss {record['train_loss']:.4f} "
             f"acc {100 * record['train_acc']:.2f} %, val loss {record['val_loss']:.4f} "
             f"acc {100 * record['val_acc']:.2f} %"
-            f"{' (best)' if record['is_best'] else ''}, lr {record['lr']:.2e}, {record['epoch_time']:.0f}s{eta}")
+            f"{' (best)' if record['is_best'] else ''}, lr {record['lr']:.2e}, {record['epoch_time']:.0f}s{speed}, "
+            f"{clock(sum(took), precise=sum(took) < 600)} so far{eta}")
 
 
 class StoppedForTime(Exception):
     """--time-limit was reached; the message says where the run stopped and how to continue it."""
+
+
+# ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
+_stop = {"signum": None}  # the first Ctrl-C or SIGTERM of this process, until the run stops for it
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: raised at the end of a training step after the first, at once after the second.
+    A KeyboardInterrupt, so that Optuna fails the running trial and re-raises it, as it does for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.exit_code = EXIT_CODES.get(signum, 130)
+
+
+@contextlib.contextmanager
+def stop_handlers():
+    """While in it, the first Ctrl-C or SIGTERM asks the run to stop at the next safe point (check_stop: the
+    end of the running training step; the next start continues from the last finished epoch's checkpoint),
+    and a second stops it at once. Set explicitly, since a shell starts background jobs with SIGINT ignored
+    and Python keeps it so; the previous handlers come back after (a test calls main() in-process)."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    install_stop_handlers()
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+        _stop["signum"] = None
+
+
+def install_stop_handlers():
+    def handler(signum, frame):
+        if _stop["signum"] is not None:
+            raise Interrupted(signum)
+        _stop["signum"] = signum
+        print("stopping at the end of the running step (press Ctrl-C again to stop at once)", file=sys.stderr,
+              flush=True)
+
+    _stop["signum"] = None
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stop_requested() -> int | None:
+    return _stop["signum"]
+
+
+def check_stop():
+    """Raise Interrupted if a Ctrl-C or SIGTERM has come: the Trainer calls it after every step."""
+    if _stop["signum"] is not None:
+        raise Interrupted(_stop["signum"])
 
 
 def nothing_fits(who: str, last_epoch_s: float | None) -> StoppedForTime:
@@ -152,10 +224,10 @@ def run_main(work, kept: str, script: str | None = None, argv=None, redact=lambd
         where = e.filename or unnamed
         print(f"error: cannot write{f' {where!r}' if where else ''}: {e.strerror or e}; {kept}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if interrupted:
             print(interrupted, file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)
     return 0
 
 

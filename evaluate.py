@@ -114,7 +114,7 @@ def plot_confusion(path: str, cm: np.ndarray, classes: list, title: str):
         ax.set(xlabel="predicted class", ylabel="true class", title=name)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -142,7 +142,7 @@ def plot_curves(history: list, path: str, title: str):
     fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -181,7 +181,7 @@ def plot_mistakes(images, labels, probs, classes: list, path: str, title: str, k
     fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return picked
 
@@ -202,5 +202,5 @@ def plot_per_class_accuracy(classes: list, correct: list, totals: list, path: st
         ax.text(x, 100 * hi + 1.5, f"{a:.1f}", ha="center", fontsize=8)  # above the interval, readable at any height
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

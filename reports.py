@@ -52,8 +52,9 @@ def write_reports(study: optuna.Study, out_dir: str, top_k: int = 3, plots: bool
         note = a.get("failure", "")
         if t.state == TrialState.PRUNED and a.get("pruned_at_epoch"):
             note = f"pruned at epoch {a['pruned_at_epoch']}"
-        if a.get("stopped_for_time"):
-            note = f"stopped for the time limit after epoch {a.get('epochs_run', 0)}; its retry goes on from there"
+        if a.get("stopped_for_time") or a.get("interrupted"):
+            why = "stopped for the time limit" if a.get("stopped_for_time") else f"stopped by {a['interrupted']}"
+            note = f"{why} after epoch {a.get('epochs_run', 0)}; its retry goes on from there"
         elif a.get("resumed_from"):
             note = (f"went on from trial {a['resumed_from']['trial']}'s epoch {a['resumed_from']['epoch']}"
                     + (f"; {note}" if note else ""))
@@ -112,7 +113,7 @@ def _write_plots(study: optuna.Study, done: list, top_k: int, out_dir: str):
             # the slice plot is one row of panels, one per parameter: keep each panel readable
             fig.set_size_inches(*(9, 5) if name != "slice.png" else (2.6 * len(varied) + 1.5, 3.8))
             fig.tight_layout()
-            fig.savefig(os.path.join(out_dir, name), dpi=100)
+            fig.savefig(os.path.join(out_dir, name), dpi=100, bbox_inches="tight")
             plt.close(fig)
 
 
@@ -174,7 +175,7 @@ def plot_comparison(rows: list, path: str):
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(metrics), fontsize=8)  # below: never over a bar
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -11,6 +11,7 @@ results/stage1/top3.json (top{K}.json with --top-k K) for stage 2.
 
 import argparse
 import os
+import signal
 import sys
 import time
 import warnings
@@ -18,17 +19,19 @@ from dataclasses import replace
 
 import optuna
 import torch
+from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from checkpoint import load_into, save_checkpoint
-from cli import (EXIT_TIME_LIMIT, OneLineParser, ResultsError, StoppedForTime, add_common_flags, add_time_limit,
-                 check_positive, check_writable, clock, default_storage, nothing_fits, resolve_device, run_main)
+from cli import (EXIT_TIME_LIMIT, Interrupted, OneLineParser, ResultsError, StoppedForTime, add_common_flags,
+                 add_time_limit, check_positive, check_stop, check_writable, clock, default_storage, epoch_line,
+                 stop_handlers, nothing_fits, resolve_device, run_main, stop_requested)
 from data import DataError, find_cifar10, load_cifar10, train_val_splits
 from report import TensorBoardLogger, code_version, log_hparams, write_json
 from reports import top_file, write_reports
 from train import AMP_HELP, AMP_MODES, Diverged, TrainConfig, Trainer, add_recipe_flags, recipe_overrides, warmup_note
 from workers import (TotalReached, best_so_far, completed_by_value, finished_count, open_worker_study,
-                     process_identity, redact_url, requeue, run_processes)
+                     process_identity, redact_url, requeue, run_processes, stop_workers_on_sigterm)
 
 
 def suggest_config(trial: optuna.Trial, base: TrainConfig) -> TrainConfig:
@@ -71,8 +74,10 @@ class Objective:
         self.amp, self.compile, self.deadline, self.progress = amp, compile, deadline, progress
         self.last_epoch_s = None
         self.epochs_trained = 0  # by this process, over all its trials
+        self.current = None  # the number of the trial this process runs, or ran last
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.current = trial.number
         cfg = suggest_config(trial, self.base)
         run_dir = os.path.join(self.out_dir, f"trial_{trial.number:04d}")
         trial.set_user_attr("config", cfg.to_dict())
@@ -82,7 +87,7 @@ class Objective:
                    {"trial": trial.number, "config": cfg.to_dict(), "code_version": code_version()})
         s = self.splits
         trainer = Trainer(cfg, s.train_images, s.train_labels, s.val_images, s.val_labels, self.device,
-                          amp=self.amp, compile=self.compile, progress=self.progress)
+                          amp=self.amp, compile=self.compile, progress=self.progress, stop_check=check_stop)
         self._resume_if_retry(trial, trainer)
         tensorboard = TensorBoardLogger(run_dir)
         checkpoint = os.path.join(run_dir, "last.pt")
@@ -95,6 +100,8 @@ class Objective:
             # writing leaves the previous epoch's checkpoint, not a torn one.
             save_checkpoint(t.state_dict(), checkpoint)
             trial.set_user_attr("history", t.history)
+            # Every epoch in the log too, terminal or not: where a search stands, without the dashboard.
+            tqdm.write(epoch_line(f"trial {trial.number:4d}", record, t.history, cfg.epochs))
             trial.report(record["val_acc"], record["epoch"])
             if trial.should_prune():
                 trial.set_user_attr("pruned_at_epoch", record["epoch"])
@@ -119,8 +126,9 @@ class Objective:
             # goes on. Raised below, outside this handler, so that no traceback keeps the trial's tensors alive.
             out_of_memory = f"out of {self.device.type} memory ({str(e).splitlines()[0][:200]})"
             trial.set_user_attr("failure", out_of_memory)
-        except KeyboardInterrupt:
-            state = None  # Ctrl-C: save what a resume needs and stop, nothing more
+        except KeyboardInterrupt as e:
+            state = None  # Ctrl-C or SIGTERM: what a resume needs is saved (the last epoch's last.pt); stop
+            trial.set_user_attr("interrupted", "SIGTERM" if getattr(e, "exit_code", 130) == 143 else "Ctrl-C")
             raise
         finally:
             if trainer.history:
@@ -219,6 +227,10 @@ def parse_args(argv=None):
     return args
 
 
+INTERRUPTED = ("interrupted: finished trials are kept, and a trial cut short goes on from its last finished epoch; "
+               "run the same command to continue the study")
+
+
 def _stopped_for_time(study: optuna.Study, total: int) -> str:
     return f"stopped for the time limit: {finished_count(study)} of {total} trials finished"
 
@@ -275,7 +287,9 @@ def run(args, splits=None):
         tqdm.write(f"{who}trial {trial.number:4d} {trial.state.name:8s} val_acc {value}  best {best}  "
                    f"{finished}/{args.trials} finished{eta}  elapsed {time.monotonic() - started:7.0f}s {why}".rstrip())
         write_reports(study, out_dir, args.top_k, plots=False)
-        if left and deadline is not None and objective.last_epoch_s is not None \
+        if stop_requested() is not None:  # Ctrl-C or SIGTERM between two trials: start no other
+            study.stop()
+        elif left and deadline is not None and objective.last_epoch_s is not None \
                 and time.monotonic() + objective.last_epoch_s > deadline:
             nonlocal stopped
             stopped = True
@@ -291,17 +305,25 @@ def run(args, splits=None):
     except StoppedForTime as e:  # mid-trial: Optuna has marked it FAIL; queue it to go on in the next run
         cut = next(t for t in study.get_trials(deepcopy=False) if t.number == e.args[0])
         with study.lock():
-            requeue(study, cut, for_time=True)
+            requeue(study, cut, cut="stopped for the time limit")
         stopped = True
         cut_where = (f" (trial {cut.number} after epoch {cut.user_attrs.get('epochs_run', 0)} of {args.epochs} goes "
                      f"on in the next run)")
-    except KeyboardInterrupt:
-        if not worker:  # the --jobs parent says it for all its workers
-            tqdm.write("interrupted: the running trial is marked FAIL, finished trials are kept; "
-                       "run the same command to continue the study")
+    except KeyboardInterrupt as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C must not cut the queueing below short
+        cut = next((t for t in study.get_trials(deepcopy=False) if t.number == objective.current), None)
+        if cut is not None and cut.state == TrialState.FAIL and "interrupted" in cut.user_attrs:
+            with study.lock():  # Optuna has failed it; its retry goes on from its last finished epoch
+                requeue(study, cut, cut=f"stopped by {cut.user_attrs['interrupted']}")
         write_reports(study, out_dir, args.top_k)
-        raise
+        if not worker:  # the --jobs parent says it for all its workers
+            tqdm.write(INTERRUPTED)
+        raise Interrupted(stop_requested() or signal.SIGINT) from e
     write_reports(study, out_dir, args.top_k)
+    if stop_requested() is not None:  # between two trials: none was cut
+        if not worker:
+            tqdm.write(INTERRUPTED)
+        raise Interrupted(stop_requested())
     if stopped:
         if not objective.epochs_trained:
             raise nothing_fits(who, objective.last_epoch_s)
@@ -318,14 +340,13 @@ def run_workers(args, study: optuna.Study, splits, out_dir: str):
     that survives kill -9)."""
     tqdm.write(f"study {args.study_name!r} in {redact_url(args.storage)}: {finished_count(study)} of {args.trials} "
                f"trials finished; running the rest in {args.jobs} worker processes")
-    codes, interrupted = run_processes(_worker_main, [
+    codes, signum = run_processes(_worker_main, [
         (argparse.Namespace(**{**vars(args), "jobs": 1, "worker_index": k + 1, "jobs_running": args.jobs}), splits)
         for k in range(args.jobs)], name="stage1-worker")
     write_reports(study, out_dir, args.top_k)
-    if interrupted or 130 in codes:
-        tqdm.write("interrupted: each worker's running trial is marked FAIL, finished trials are kept; run the same "
-                   "command to continue the study")
-        raise KeyboardInterrupt
+    if signum is not None or {130, 143} & set(codes):
+        tqdm.write(INTERRUPTED)
+        raise Interrupted(signum or signal.SIGINT)
     if EXIT_TIME_LIMIT in codes:
         raise StoppedForTime(f"{_stopped_for_time(study, args.trials)}{best_so_far(study)}; cut trials go on in "
                              f"the next run")
@@ -342,6 +363,7 @@ def _worker_main(args, splits):
     """One --jobs worker process: the whole search loop, its errors as one line and an exit code."""
     threads = max(1, (os.cpu_count() or 1) // args.jobs_running)
     torch.set_num_threads(threads)  # N workers x all cores each would oversubscribe the CPU many times over
+    stop_workers_on_sigterm()
     sys.exit(_run_main(args, splits))
 
 
@@ -356,7 +378,8 @@ def _run_main(args, splits=None) -> int:
 def main(argv=None):
     args = parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    code = _run_main(args)
+    with stop_handlers():
+        code = _run_main(args)
     if code:
         sys.exit(code)
 

@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from candidates import CONFIG_KEYS, SCHEDULE_FLAGS, Candidate, candidates_from_file, candidates_from_study
 from checkpoint import load_into, save_checkpoint
-from cli import (OneLineParser, StoppedForTime, add_common_flags, add_time_limit, check_positive, check_writable,
-                 default_storage, epoch_line, nothing_fits, resolve_device, run_main)
+from cli import (OneLineParser, StoppedForTime, add_common_flags, add_time_limit, check_positive, check_stop,
+                 check_writable, default_storage, epoch_line, stop_handlers, nothing_fits, resolve_device,
+                 run_main)
 from data import TEST_FILE, DataError, find_cifar10, load_cifar10, train_val_splits
 from evaluate import TEST_OUTPUTS, evaluate_checkpoint
 from report import TensorBoardLogger, code_version, log_hparams, plot_curves, write_json
@@ -75,6 +76,7 @@ class Progress:
     deadline: float | None = None  # --time-limit's end, time.monotonic()
     last_epoch_s: float | None = None  # the latest epoch's wall time: the next model's first epoch is judged by it
     epochs_trained: int = 0  # by this process, over all its models
+    warmup_noted: bool = False  # warmup_note said once already
 
 
 def train_model(c: Candidate, splits, args, device, run_dir: str, progress: Progress) -> dict:
@@ -83,7 +85,7 @@ def train_model(c: Candidate, splits, args, device, run_dir: str, progress: Prog
     os.makedirs(run_dir, exist_ok=True)
     cfg, s = c.config, splits
     trainer = Trainer(cfg, s.train_images, s.train_labels, s.val_images, s.val_labels, device, amp=args.amp,
-                      compile=args.compile)
+                      compile=args.compile, stop_check=check_stop)
     if os.path.isfile(last) and not args.fresh:  # one this run cannot continue is refused, never overwritten
         load_into(trainer, last, again="pass --fresh to start it over (its checkpoints are deleted), or --results to "
                                        "write elsewhere", other_config=lambda: _other_config(c, last))
@@ -107,7 +109,8 @@ def train_model(c: Candidate, splits, args, device, run_dir: str, progress: Prog
             tqdm.write(f"{c.name}: training from scratch, at most {epochs_phrase(cfg.epochs)} on {len(s.train_images)} "
                        f"images, early stopping on {len(s.val_images)} (patience {cfg.patience}), on {device}")
             note = warmup_note(cfg)
-            if note:
+            if note and not progress.warmup_noted:  # once per process: every model has the same schedule
+                progress.warmup_noted = True
                 tqdm.write(f"{c.name}: {note}")
         tensorboard = TensorBoardLogger(run_dir)
         first_epoch = trainer.epoch
@@ -262,6 +265,7 @@ def run(args, ds=None) -> list:
             ds = load_cifar10(args.data_dir, download=not args.no_download, test=False)  # read when tested
         splits = train_val_splits(ds, subset_ratio=args.subset, device=device)
     for c in todo:
+        check_stop()  # a Ctrl-C or SIGTERM during the last model's test: start no other
         run_dir = run_dirs[c.name]
         holder = take_claim(run_dir)
         if holder is not None:
@@ -288,11 +292,12 @@ def run(args, ds=None) -> list:
 
 def main(argv=None, ds=None):
     args = parse_args(argv)
-    code = run_main(lambda: run(args, ds), script="stage2_final.py", argv=argv, redact=redact_url,
-                    kept="each model's last.pt and best.pt keep its last finished epoch: free some space (or fix "
-                         "--results) and run the same command again",
-                    interrupted="interrupted: each model's last.pt holds its last finished epoch; run the same "
-                                "command to continue")
+    with stop_handlers():
+        code = run_main(lambda: run(args, ds), script="stage2_final.py", argv=argv, redact=redact_url,
+                        kept="each model's last.pt and best.pt keep its last finished epoch: free some space (or "
+                             "fix --results) and run the same command again",
+                        interrupted="interrupted: each model's last.pt holds its last finished epoch; run the same "
+                                    "command to continue from there")
     if code:
         sys.exit(code)
 

@@ -306,8 +306,9 @@ def warmup_note(cfg: TrainConfig) -> str | None:
     """A line for the log when lr_factor shortens the warmup: it never takes more than a fifth of the schedule."""
     if cfg.warmup_epochs * 5 <= cfg.epochs:
         return None
-    return (f"note: a {cfg.warmup_epochs}-epoch warmup is more than a fifth of {cfg.epochs} epoch(s); it is cut to "
-            f"the first fifth of the schedule's steps (--warmup-epochs sets it)")
+    return (f"note: a {cfg.warmup_epochs}-epoch warmup is more than a fifth of {cfg.epochs} epoch(s), so it is cut "
+            f"to the first fifth of the schedule's steps; nothing is wrong, and --warmup-epochs "
+            f"{f'{cfg.epochs // 5} (or 0)' if cfg.epochs >= 5 else 0} says so and silences this")
 
 
 def keep_freed_memory() -> bool:
@@ -414,10 +415,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, train_images, train_labels, val_images, val_labels,
                  device: torch.device, amp: str = "auto", fused: bool | None = None, compile: str | bool = "off",
-                 micro_batch: int | None = None, progress: bool = True, log_every_s: float = 30.0):
+                 micro_batch: int | None = None, progress: bool = True, log_every_s: float = 30.0,
+                 stop_check=None):
         # progress: a bar on a terminal; off a terminal (a log, a pipe) a line every log_every_s
         # seconds instead, so that a log shows the run is alive long before the epoch ends.
+        # stop_check(): called after every step, raises to stop there (cli.check_stop: Ctrl-C, SIGTERM).
         self.cfg, self.device, self.progress, self.log_every_s = cfg, device, progress, log_every_s
+        self.stop_check = stop_check or (lambda: None)
         self.amp_dtype = resolve_amp(device, amp)
         # fp16's narrow range underflows small gradients: scale the loss up, and the gradients back
         # before clipping and the step. A disabled scaler passes everything through unchanged.
@@ -518,6 +522,7 @@ class Trainer:
             self.scaler.step(self.optimizer)  # skipped (and the scale lowered) if fp16 overflowed
             self.scaler.update()
             self.scheduler.step()
+            self.stop_check()  # a safe point: the step is whole; the last epoch's checkpoint is what goes on
             seen += len(y)
             if i % 20 == 0 and not bar.disable:
                 if shown is not None and shown.ready():

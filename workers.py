@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import socket
 import tempfile
 import time
@@ -37,7 +38,7 @@ from filelock import FileLock
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from cli import StorageError
+from cli import StorageError, install_stop_handlers, stop_requested
 from data import DataError
 from train import with_defaults
 
@@ -184,6 +185,9 @@ def make_study(storage, study_name: str, seed: int, worker: int = 0) -> optuna.S
         # and slow starters (SGD, small lr) are often the ones that end best.
         pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5),
     )
+    with warnings.catch_warnings():  # experimental in Optuna 5; optuna-dashboard then says "val_acc", not "Objective 0"
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["val_acc"])
     # 10 random trials (a quarter of the default 40) give TPE a spread to model before it exploits;
     # constant_liar keeps parallel workers from proposing the same configuration. The seed moves
     # with the study's length, so a resumed run does not replay the first run's proposals, and with
@@ -224,25 +228,44 @@ def open_worker_study(url: str, study_name: str, seed: int, heartbeat: int, work
 
 
 def run_processes(target, arg_tuples: list, name: str) -> tuple:
-    """One spawned process per argument tuple, all waited for: (their exit codes, whether Ctrl-C came).
+    """One spawned process per argument tuple, all waited for: (their exit codes, the signal that stopped them:
+    None, or the first Ctrl-C or SIGTERM this process got).
 
     Processes rather than threads: threads of one process share a CUDA stream, one autograd engine
     thread and the GIL, and one crash would end them all. Spawned, not forked: a forked child of a
-    process that has touched CUDA cannot use it.
+    process that has touched CUDA cannot use it. The workers ignore Ctrl-C (stop_workers_on_sigterm):
+    this process passes each Ctrl-C or SIGTERM on to them as SIGTERM, so that a terminal's Ctrl-C, which
+    reaches them too, and a scheduler's SIGTERM, which reaches this process alone, stop them alike.
     """
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=target, args=a, name=f"{name}-{k + 1}") for k, a in enumerate(arg_tuples)]
-    interrupted = False
-    try:
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.join()
-    except KeyboardInterrupt:  # the processes got the same Ctrl-C: let each save and stop
-        interrupted = True
-        for proc in procs:
-            proc.join()
-    return [proc.exitcode for proc in procs], interrupted
+    passed_on = False
+    for proc in procs:
+        proc.start()
+    while any(proc.is_alive() for proc in procs):
+        try:
+            for proc in procs:
+                proc.join(timeout=0.2)
+        except KeyboardInterrupt:  # a second signal: theirs too, so that they stop at once
+            _pass_on(procs)
+            continue
+        if stop_requested() is not None and not passed_on:  # the first: they stop after their running step
+            _pass_on(procs)
+            passed_on = True
+    return [proc.exitcode for proc in procs], stop_requested()
+
+
+def _pass_on(procs):
+    for proc in procs:
+        if proc.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+
+
+def stop_workers_on_sigterm():
+    """In a --jobs worker: Ctrl-C is ignored (the parent passes it on as SIGTERM, see run_processes)."""
+    install_stop_handlers()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- workers that die
@@ -320,20 +343,20 @@ def fail_dead_local_trials(study: optuna.Study) -> list:
     return failed
 
 
-def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, for_time: bool = False):
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, cut: str | None = None):
     """Queue the failed `trial`'s parameters again, unless a retry of it is queued already or its
-    configuration has had MAX_RETRIES deaths (a cut by --time-limit, for_time, is not one). The
-    caller holds the study's lock."""
+    configuration has had MAX_RETRIES deaths (a cut, by --time-limit, Ctrl-C or SIGTERM, is not one;
+    `cut` says which, in words). The caller holds the study's lock."""
     history = [*trial.user_attrs.get("retry_history", []), trial.number]  # every attempt, oldest first
     if any(t.user_attrs.get("retry_history", [None])[-1] == trial.number for t in study.get_trials(deepcopy=False)):
         return
     # Deaths of this configuration's attempts before this one (studies of older versions: all of them).
     deaths = trial.user_attrs.get("deaths", len(history) - 1)
-    if for_time:
+    if cut:
         study.enqueue_trial(trial.params, user_attrs={"retry_of": history[0], "retry_history": history,
                                                       "deaths": deaths})
-        tqdm.write(f"trial {trial.number:4d} stopped for the time limit after epoch "
-                   f"{trial.user_attrs.get('epochs_run', 0)}; queued again, to go on from there in the next run")
+        tqdm.write(f"trial {trial.number:4d} {cut} after epoch {trial.user_attrs.get('epochs_run', 0)}; queued "
+                   f"again, to go on from there in the next run")
         return
     deaths += 1
     worker = f"its worker ({trial.user_attrs.get('host')} pid {trial.user_attrs.get('pid')}) died"

@@ -1,5 +1,6 @@
 import os
 import pickle
+import signal
 import subprocess
 
 import numpy as np
@@ -65,3 +66,36 @@ def tmpfs(tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield path
     subprocess.run(["umount", str(path)], check=True)
+
+
+def touches_the_edge(png_path) -> list:
+    """The edges (top, bottom, left, right) of a saved figure that something is drawn on: a title or label
+    cut by the figure's border runs into it; a figure saved whole keeps a white margin all round."""
+    from PIL import Image
+
+    ink = np.asarray(Image.open(png_path).convert("L")) < 245
+    edges = {"top": ink[0], "bottom": ink[-1], "left": ink[:, 0], "right": ink[:, -1]}
+    return [name for name, line in edges.items() if line.any()]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_as_a_terminal_would(args, cwd=ROOT):
+    """A command in a process group of its own, its signals at their defaults (not ignored, as a shell's
+    background job would have SIGINT), its output unbuffered so that the test can follow it line by line."""
+    return subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def signal_after(proc, line_start: str, sig) -> str:
+    """Send `sig` to the whole process group (a terminal's Ctrl-C) once a line starting so is printed."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line.decode())
+        if seen[-1].startswith(line_start):
+            os.killpg(proc.pid, sig)
+            break
+    rest = proc.communicate(timeout=300)[0].decode()
+    return "".join(seen) + rest

@@ -66,12 +66,13 @@ def test_the_shared_flags_and_their_checks():
 
 
 def test_the_epoch_line_and_its_eta():
-    history = [{"epoch": e, "epoch_time": 100.0, "epoch_s": 120.0} for e in (1, 2)]
+    history = [{"epoch": e, "epoch_time": 100.0, "epoch_s": 120.0, "train_img_s": 450.4} for e in (1, 2)]
     record = {**history[-1], "train_loss": 1.23456, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.61234,
               "is_best": True, "lr": 5e-4}
     assert cli.epoch_line("config_0", record, history, 32) == (
         "config_0 epoch   2/32: train loss 1.2346 acc 50.00 %, val loss 1.0000 acc 61.23 % (best), lr 5.00e-04, "
-        "100s, at most 1 h 00 min left")  # 30 epochs x 120 s
+        "100s, 450 img/s, 4 min 00 s so far, at most 1 h 00 min left")  # 2 x 120 s so far, 30 x 120 s left
+    assert cli.epoch_line("m", {**record, "epoch": 31}, history, 32).endswith("at most 2 min 00 s left")
     assert not cli.epoch_line("m", {**record, "epoch": 32}, history, 32).endswith("left")
 
 
@@ -92,3 +93,20 @@ def test_a_script_starts_without_the_libraries_only_its_work_needs():
              f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_misspelt_flag_is_answered_with_the_closest_one(capsys):
+    import stage1_search
+    import stage2_final
+
+    for parse, flags, hint in ((stage1_search.parse_args, ["--trails", "5"], "did you mean --trials?"),
+                               (stage2_final.parse_args, ["--top-kk", "2"], "did you mean --top-k?"),
+                               (stage2_final.parse_args, ["--cutmix-alhpa", "1"], "did you mean --cutmix-alpha?")):
+        with pytest.raises(SystemExit) as exit:
+            parse(flags)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and f"unrecognized arguments: {' '.join(flags)}; {hint}" in err, err
+        assert err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        stage1_search.parse_args(["--zzzzzz"])  # nothing close: no guess
+    assert "did you mean" not in capsys.readouterr().err

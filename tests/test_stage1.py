@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 import cli
 import stage1_search
 import workers
-from conftest import synthetic_splits
+from conftest import synthetic_splits, touches_the_edge
 from stage1_search import parse_args, run, suggest_config
 from train import TrainConfig, Trainer
 from workers import make_storage, make_study
@@ -153,6 +153,8 @@ def test_end_to_end_writes_study_attrs_reports_and_plots(tmp_path):
     for name in ("parallel_coordinate.png", "slice.png"):  # 3 completed trials: enough to draw, too few to rank
         assert (tmp_path / "stage1" / name).stat().st_size > 5000
     assert not (tmp_path / "stage1" / "param_importances.png").exists() and "No parameter importances" in summary
+    for png in (tmp_path / "stage1").glob("*.png"):
+        assert touches_the_edge(png) == [], png  # no title or label cut off
     # each trial in TensorBoard's HParams dashboard, read back with TensorBoard's own reader
     from test_report import read_hparams
 
@@ -211,6 +213,7 @@ def test_resuming_continues_the_same_study_to_its_total(tmp_path):
     assert len(run(small_args(tmp_path, "--trials", "2", "--epochs", "1"), splits=tiny_splits()).trials) == 2
     # the resumed sampler must not replay the first run's start-up proposal
     assert study.trials[1].params != study.trials[0].params
+    assert study.metric_names == ["val_acc"]  # what optuna-dashboard shows instead of "Objective 0"
 
 
 def test_median_pruner_prunes_a_trial_below_the_median(tmp_path):

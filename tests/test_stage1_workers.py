@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import glob
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -23,6 +24,7 @@ from optuna.trial import TrialState
 
 import stage1_search
 import workers
+from conftest import signal_after, start_as_a_terminal_would
 from workers import make_storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,10 +288,15 @@ def test_a_read_only_results_folder_is_refused_before_the_study_is_touched(tmp_p
     assert not os.path.exists(tmp_path / "stage1.db")
 
 
-def test_ctrl_c_marks_the_running_trial_failed_and_keeps_the_finished_ones(tmp_path, worker):
+def test_a_second_ctrl_c_stops_at_once_and_the_next_start_still_goes_on_from_the_checkpoint(tmp_path, worker):
+    """The first Ctrl-C waits for the running step to end; a worker parked inside trial 1 (after its epoch 1
+    was saved) never ends it, so only the second stops it, at once. The trial is still queued to go on."""
     marker = str(tmp_path / "parked")
-    proc = worker("--trials", "3", "--epochs", "1", env={"HANG_IN_TRIAL": "1", "HANG_MARKER": marker})
+    proc = worker("--trials", "3", "--epochs", "2", env={"HANG_IN_TRIAL": "1", "HANG_MARKER": marker})
     wait_for(marker, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1)
+    assert proc.poll() is None  # still parked: the first Ctrl-C waits for the end of the step
     proc.send_signal(signal.SIGINT)
     try:
         out = proc.communicate(timeout=120)[0].decode()
@@ -297,12 +304,18 @@ def test_ctrl_c_marks_the_running_trial_failed_and_keeps_the_finished_ones(tmp_p
         proc.send_signal(signal.SIGUSR1)
         time.sleep(3)
         proc.kill()
-        pytest.fail("the worker did not stop within 120 s of SIGINT; its output and threads:\n"
+        pytest.fail("the worker did not stop within 120 s of the second SIGINT; its output and threads:\n"
                     + proc.communicate()[0].decode(errors="replace"))
-    assert proc.returncode == 130 and "interrupted" in out and "Traceback" not in out, out
+    assert proc.returncode == 130 and "stopping at the end of the running step" in out and "Traceback" not in out, out
     trials = trials_of(f"sqlite:///{tmp_path}/stage1.db")
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
-    assert (tmp_path / "stage1" / "summary.md").read_text().count("| FAIL |") == 1
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].user_attrs["interrupted"] == "Ctrl-C" and trials[2].user_attrs["retry_history"] == [1]
+    summary = (tmp_path / "stage1" / "summary.md").read_text()
+    assert summary.count("| FAIL |") == 1 and "stopped by Ctrl-C after epoch 1; its retry goes on from there" in summary
+    out = finish(worker("--trials", "3", "--epochs", "2"))
+    trials = trials_of(f"sqlite:///{tmp_path}/stage1.db")
+    assert trials[2].state == TrialState.COMPLETE and trials[2].user_attrs["resumed_from"] == {"trial": 1, "epoch": 1}
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
 
 
 # ----------------------------------------------------------------------------- in this process, with real processes
@@ -358,3 +371,52 @@ def test_a_configuration_that_keeps_killing_its_worker_is_given_up_after_max_ret
         assert trial.user_attrs["retry_history"] == list(range(attempt + 1))
     assert workers.fail_dead_local_trials(study) == [trial.number]
     assert [t.state for t in study.trials] == [TrialState.FAIL] * (workers.MAX_RETRIES + 1)  # none queued
+
+
+def test_a_log_without_a_terminal_has_a_line_for_every_epoch_of_every_trial(worker):
+    """nohup, a batch job, CI: stdout is a pipe, so no progress bar, but each epoch still ends in one line with
+    the trial, epoch/total, train loss, validation accuracy, learning rate, speed, time so far and ETA."""
+    out = finish(worker("--trials", "2", "--epochs", "2"))
+    lines = re.findall(r"^trial +(\d+) epoch +(\d+)/2: train loss [\d.]+ acc [\d.]+ %, val loss [\d.]+ acc [\d.]+ %"
+                       r"(?: \(best\))?, lr [\d.e+-]+, \d+s, \d+ img/s, [\d a-z]+ so far(?:, at most [\d a-z]+ left)?$",
+                       out, flags=re.M)
+    assert sorted((int(t), int(e)) for t, e in lines) == [(0, 1), (0, 2), (1, 1), (1, 2)], out
+    assert "\r" not in out  # no progress bar off a terminal
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_mid_trial_goes_on_from_its_last_epoch_to_the_uninterrupted_value(tmp_path, sig, code):
+    """Stopped after epoch 3 of 6, the same command continues trial 0's configuration from that epoch's
+    checkpoint, and it ends with the very value an uninterrupted run of the same seed gets."""
+    command = [sys.executable, WORKER, "--trials", "1", "--epochs", "6", "--patience", "6"]
+    whole = finish(start_as_a_terminal_would([*command, "--results", str(tmp_path / "whole")]))
+    assert "interrupted" not in whole
+    cut = start_as_a_terminal_would([*command, "--results", str(tmp_path / "cut")])
+    out = signal_after(cut, "trial    0 epoch   3/6", sig)
+    assert cut.returncode == code and "Traceback" not in out, out
+    assert out.rstrip().splitlines()[-1].startswith("interrupted: finished trials are kept, and a trial cut short "
+                                                    "goes on from its last finished epoch; run the same command")
+    go_on = finish(start_as_a_terminal_would([*command, "--results", str(tmp_path / "cut")]))
+    assert "trial    1 epoch   4/6" in go_on and "trial    1 epoch   1/6" not in go_on, go_on
+    (alone,) = trials_of(f"sqlite:///{tmp_path}/whole/stage1.db")
+    first, retry = trials_of(f"sqlite:///{tmp_path}/cut/stage1.db")
+    assert first.state == TrialState.FAIL and first.user_attrs["interrupted"] == ("Ctrl-C" if code == 130 else "SIGTERM")
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from"] == {"trial": 0, "epoch": 3}
+    assert retry.params == alone.params and retry.value == alone.value
+    keys = ("train_loss", "val_acc", "lr")
+    assert [[r[k] for k in keys] for r in retry.user_attrs["history"]] == [[r[k] for k in keys]
+                                                                           for r in alone.user_attrs["history"]]
+
+
+def test_ctrl_c_stops_every_jobs_worker_and_each_cut_trial_goes_on_from_its_checkpoint(tmp_path):
+    command = [sys.executable, WORKER, "--trials", "2", "--epochs", "4", "--jobs", "2", "--results", str(tmp_path)]
+    cut = start_as_a_terminal_would(command)
+    out = signal_after(cut, "trial    ", signal.SIGINT)  # the first epoch line of either worker
+    assert cut.returncode == 130 and "Traceback" not in out, out
+    cut_short = [t for t in trials_of(f"sqlite:///{tmp_path}/stage1.db") if "interrupted" in t.user_attrs]
+    assert cut_short and all(t.state == TrialState.FAIL for t in cut_short)
+    finish(start_as_a_terminal_would(command))
+    trials = trials_of(f"sqlite:///{tmp_path}/stage1.db")
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+    went_on = [t.user_attrs["resumed_from"]["trial"] for t in trials if "resumed_from" in t.user_attrs]
+    assert sorted(went_on) == sorted(t.number for t in cut_short if t.user_attrs.get("epochs_run"))

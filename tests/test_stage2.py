@@ -15,7 +15,7 @@ import candidates
 import cli
 import stage2_final
 import train
-from conftest import synthetic_cifar
+from conftest import synthetic_cifar, touches_the_edge
 from data import DataError, train_val_splits
 from report import TensorBoardLogger
 from reports import write_reports
@@ -98,6 +98,7 @@ def test_after_a_tiny_stage1_it_trains_tests_and_reports_the_top_trials(tmp_path
     # comparison + curves, confusion matrix, per-class accuracy and mistakes per model
     assert "comparison.png" in figures and len(figures) == 9
     assert all((out / f).stat().st_size > 1000 for f in figures)
+    assert {f: touches_the_edge(out / f) for f in figures} == {f: [] for f in figures}  # no label cut off
     for r in rows:
         assert f"## {r['model']}" in report and f"{100 * r['test_acc']:.2f} %" in report
         assert f"{100 * (r['best_val_acc'] - r['test_acc']):+.2f} points" in report
@@ -312,6 +313,7 @@ def test_trials_are_picked_by_number(tmp_path, capsys):
 
 @pytest.mark.parametrize("content,message", [
     ('{"patch_size": 8, "learning_rate": 0.1}', "unknown key.*learning_rate"),
+    ('{"embed_dimm": 128}', r"unknown key\(s\) embed_dimm \(did you mean embed_dim\?\); known keys"),
     ('{"patch_size": 8, "embed_dim": 32, "num_heads": 3}', "configuration 0: embed_dim 32 is not divisible"),
     ('[{"patch_size": 8}, {"patch_size": 5}]', "configuration 1: image_size 32 is not divisible by patch_size 5"),
     ('{"patch_size": 8, "batch_size": 0}', "configuration 0: batch_size must be positive"),
