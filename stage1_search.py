@@ -31,7 +31,8 @@ from report import TensorBoardLogger, code_version, log_hparams, write_json
 from reports import top_file, write_reports
 from train import AMP_HELP, AMP_MODES, Diverged, TrainConfig, Trainer, add_recipe_flags, recipe_overrides, warmup_note
 from workers import (TotalReached, best_so_far, completed_by_value, finished_count, open_worker_study,
-                     process_identity, redact_url, requeue, run_processes, stop_workers_on_sigterm)
+                     process_identity, redact_url, requeue, run_processes, stop_workers_on_sigterm,
+                     storage_lost_in_one_line, through_a_restart)
 
 
 def suggest_config(trial: optuna.Trial, base: TrainConfig) -> TrainConfig:
@@ -99,11 +100,12 @@ class Objective:
             # Lets a retry of this trial continue from here. Written whole: a worker killed while
             # writing leaves the previous epoch's checkpoint, not a torn one.
             save_checkpoint(t.state_dict(), checkpoint)
-            trial.set_user_attr("history", t.history)
+            db = getattr(trial.study, "db", None)  # a database may restart under a long search: ride it out
+            through_a_restart(db, trial.set_user_attr, "history", t.history)
             # Every epoch in the log too, terminal or not: where a search stands, without the dashboard.
             tqdm.write(epoch_line(f"trial {trial.number:4d}", record, t.history, cfg.epochs))
-            trial.report(record["val_acc"], record["epoch"])
-            if trial.should_prune():
+            through_a_restart(db, trial.report, record["val_acc"], record["epoch"])
+            if through_a_restart(db, trial.should_prune):
                 trial.set_user_attr("pruned_at_epoch", record["epoch"])
                 raise optuna.TrialPruned(f"val_acc {record['val_acc']:.4f} at epoch {record['epoch']} is below the median")
 
@@ -370,7 +372,8 @@ def _worker_main(args, splits):
 def _run_main(args, splits=None) -> int:
     """run(), with the project's errors as one line on stderr; returns the exit code."""
     # The --jobs parent gives the command that continues, once, for all its workers.
-    return run_main(lambda: run(args, splits), script=None if args.worker_index else "stage1_search.py",
+    return run_main(lambda: storage_lost_in_one_line(args.storage, run, args, splits),
+                    script=None if args.worker_index else "stage1_search.py",
                     argv=getattr(args, "argv", None), redact=redact_url, unnamed=args.results,
                     kept="the trials told to the study so far are kept")
 

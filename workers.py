@@ -95,24 +95,95 @@ def _make_storage(url: str, heartbeat: int):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url))
-    engine_kwargs = {}
     if path is not None:  # SQLite
         # Several workers on one SQLite file: wait for a lock instead of failing with "database is locked".
         engine_kwargs = {"connect_args": {"timeout": 60}}
+    else:
+        # A server that restarts (maintenance, a fail-over) drops every pooled connection: SQLAlchemy's
+        # pessimistic disconnect handling tests each one as it is taken and opens a new one for a dead one
+        # (Optuna turns it on for MySQL only), and wait_for_the_server makes that opening wait for the server.
+        engine_kwargs = {"pool_pre_ping": True}
     lock = StudyLock(url)
     for attempt in range(8):
         try:
             with lock.local():  # one local worker at a time creates the tables
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(
+                    storage = optuna.storages.RDBStorage(
                         url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
                         heartbeat_stale_trial_callback=RequeueStaleTrial(lock),
                     )
+            if path is None:
+                wait_for_the_server(storage.engine)
+            return storage
         except Exception as e:  # workers on other machines cannot share a file lock: retry the race
             if attempt == 7 or not any(m in str(e).lower() for m in SCHEMA_RACE):
                 raise
             time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
+
+
+RECONNECT_S = 60  # how long a worker waits for its database server to come back before it gives up
+
+
+def wait_for_the_server(engine, patience_s: float = RECONNECT_S):
+    """New connections of `engine` wait, retrying every second, for up to patience_s for a server that
+    refuses them (restarting), instead of failing at once; the last failure then ends the run in one line
+    (stage 1's run_main: StorageError), and the same command continues once the server is back."""
+    import sqlalchemy
+
+    @sqlalchemy.event.listens_for(engine, "do_connect")
+    def connect(dialect, conn_rec, cargs, cparams):
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                return dialect.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
+
+def through_a_restart(storage, call, *args, attempts: int = 3, **kwargs):
+    """call(*args, **kwargs), again (up to `attempts` in all) when it failed because the server dropped the
+    connection under it (a restart mid-query). The storage's session, left broken by the dropped connection,
+    is closed first; the next attempt opens a new connection, waiting for the server (wait_for_the_server).
+    For the storage calls of a running trial, which are idempotent (a report written twice is written once)."""
+    import sqlalchemy
+
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+            # Optuna wraps the error, and its rollback fails on the dropped connection in its turn: the cause,
+            # an invalidated connection, is further down the chain.
+            if attempt == attempts - 1 or not any(getattr(x, "connection_invalidated", False) for x in _chain(e)):
+                raise
+            if isinstance(storage, optuna.storages.RDBStorage):
+                storage.scoped_session.remove()
+            time.sleep(1.0)
+
+
+def storage_lost_in_one_line(url: str, work, *args):
+    """work(*args), with a database server that went away for longer than wait_for_the_server waits turned into
+    a StorageError (one line, exit 1): the trial it cut is failed by the heartbeat or the next local start and
+    queued again, so the same command continues once the server is back."""
+    import sqlalchemy
+
+    try:
+        return work(*args)
+    except (sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError) as e:
+        cause = next((x for x in _chain(e) if isinstance(x, sqlalchemy.exc.OperationalError)), None)
+        if cause is None:
+            raise
+        raise StorageError(f"lost the Optuna storage {redact_url(url)!r} for more than {RECONNECT_S} s "
+                           f"({storage_error(url, cause.orig or cause).args[0].split(': ', 1)[-1]}); the trials "
+                           f"told to it so far are kept: run the same command once it is back") from None
+
+
+def _chain(e: BaseException):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 class StudyLock:
@@ -222,7 +293,7 @@ def open_worker_study(url: str, study_name: str, seed: int, heartbeat: int, work
     storage = make_storage(url, heartbeat)
     try:
         study = make_study(storage, study_name, seed, worker=worker)
-        return WorkerStudy(study, StudyLock(url), total)
+        return WorkerStudy(study, StudyLock(url), total, db=storage)
     except Exception as e:  # RDB storages may connect lazily: a server that went away fails here
         raise storage_error(url, e) from None
 
@@ -394,10 +465,11 @@ class WorkerStudy(optuna.Study):
     """The study as one of several workers sees it: before each trial it takes over the trials of
     dead workers on this machine, and with `total` it starts no trial beyond that many."""
 
-    def __init__(self, study: optuna.Study, lock: StudyLock, total: int | None = None):
+    def __init__(self, study: optuna.Study, lock: StudyLock, total: int | None = None, db=None):
         super().__init__(study_name=study.study_name, storage=study._storage, sampler=study.sampler,
                          pruner=study.pruner)
         self.lock, self.total = lock, total
+        self.db = db  # the storage as make_storage made it (through_a_restart resets its session)
 
     def ask(self, fixed_distributions=None):
         with self.lock():

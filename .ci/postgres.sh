@@ -33,6 +33,7 @@ start_test_postgres() {
         -c "CREATE ROLE vit LOGIN CREATEDB PASSWORD '$password'" -c "CREATE DATABASE vit OWNER vit" >/dev/null
     PG_TEST_BIN=$bin
     export VIT_TEST_POSTGRES_URL="postgresql://vit:$password@127.0.0.1:$port/vit"
+    export PG_TEST_DIR PG_TEST_BIN  # a test restarts the server under a running worker (restart_test_postgres)
 }
 
 stop_test_postgres() {

@@ -110,3 +110,22 @@ def test_a_misspelt_flag_is_answered_with_the_closest_one(capsys):
     with pytest.raises(SystemExit):
         stage1_search.parse_args(["--zzzzzz"])  # nothing close: no guess
     assert "did you mean" not in capsys.readouterr().err
+
+
+def test_the_readme_s_table_of_stops_gives_the_exit_codes_the_scripts_use():
+    import signal
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        rows = {line.split("|")[1].strip(): line for line in f if line.startswith("| ") and "exit code" in line}
+    assert f"exit code {cli.EXIT_CODES[signal.SIGINT]}" in rows["Ctrl-C (once)"]
+    assert f"exit code {cli.EXIT_CODES[signal.SIGINT]}" in rows["Ctrl-C twice"]
+    assert f"exit code {cli.EXIT_CODES[signal.SIGTERM]}" in rows["SIGTERM (`kill`, a batch scheduler)"]
+    assert f"exit code {cli.EXIT_TIME_LIMIT}" in rows["`--time-limit 2h40m`"]
+    # each kind of stop is exercised by a test of that name (the table says so)
+    tests = open(os.path.join(os.path.dirname(__file__), "test_stage1_workers.py")).read()
+    for name in ("test_ctrl_c_or_sigterm_mid_trial_goes_on_from_its_last_epoch_to_the_uninterrupted_value",
+                 "test_a_second_ctrl_c_stops_at_once_and_the_next_start_still_goes_on_from_the_checkpoint",
+                 "test_a_killed_worker_restarted_at_once_retries_its_trial_from_its_checkpoint",
+                 "test_a_postgresql_restart_mid_trial_does_not_end_the_worker",
+                 "test_a_full_disk_stops_the_run_in_one_line_and_leaves_the_study_whole"):
+        assert f"def {name}(" in tests, name

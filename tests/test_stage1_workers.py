@@ -420,3 +420,51 @@ def test_ctrl_c_stops_every_jobs_worker_and_each_cut_trial_goes_on_from_its_chec
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
     went_on = [t.user_attrs["resumed_from"]["trial"] for t in trials if "resumed_from" in t.user_attrs]
     assert sorted(went_on) == sorted(t.number for t in cut_short if t.user_attrs.get("epochs_run"))
+
+
+def restart_test_postgres():
+    """What a managed database does in maintenance or a fail-over: the server goes, every connection with it,
+    and it is back a few seconds later (.ci/postgres.sh's server, restarted in fast mode)."""
+    data, bin = os.environ.get("PG_TEST_DIR"), os.environ.get("PG_TEST_BIN")
+    if not data or not bin:
+        if os.environ.get("CI"):
+            pytest.fail("PG_TEST_DIR and PG_TEST_BIN are not set: on CI, .ci/postgres.sh exports them")
+        pytest.skip("PG_TEST_DIR / PG_TEST_BIN not set (`. .ci/postgres.sh && start_test_postgres` sets them)")
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
+    subprocess.run([*as_postgres, f"{bin}/pg_ctl", "-D", f"{data}/data", "-m", "fast", "-w", "restart",
+                    "-l", f"{data}/server.log"], check=True, capture_output=True, timeout=120)
+
+
+def test_a_postgresql_restart_mid_trial_does_not_end_the_worker(tmp_path, postgres_url):
+    proc = start_as_a_terminal_would([sys.executable, WORKER, "--results", str(tmp_path), "--storage", postgres_url,
+                                      "--trials", "2", "--epochs", "6", "--heartbeat", "2"])
+    seen = []
+    for line in proc.stdout:
+        seen.append(line.decode())
+        if seen[-1].startswith("trial    0 epoch   2/6"):
+            restart_test_postgres()
+            break
+    out = "".join(seen) + proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    trials = trials_of(postgres_url)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, out
+
+
+def test_a_database_down_past_the_wait_ends_the_worker_in_one_line_that_says_how_to_go_on(monkeypatch, capsys):
+    import sqlalchemy
+
+    secret = "postgresql://vit:s3cret@127.0.0.1:9/vit"
+
+    def server_gone(args, splits=None):
+        try:
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, OSError(f"connection to {secret} refused"))
+        except sqlalchemy.exc.OperationalError as e:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from e
+
+    monkeypatch.setattr(stage1_search, "run", server_gone)
+    args = stage1_search.parse_args(["--storage", secret])
+    assert stage1_search._run_main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: lost the Optuna storage 'postgresql://vit:***@127.0.0.1:9/vit' for more than 60 s")
+    assert err.rstrip().endswith("run the same command once it is back") and err.count("\n") == 1
+    assert "s3cret" not in err and "Traceback" not in err
