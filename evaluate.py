@@ -131,7 +131,7 @@ def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
     state = load_checkpoint(path)
     model = model_from_checkpoint(state, device)
     images, labels = final_test_set(ds, device)
-    # fp32 even on GPUs: the test numbers must not depend on a precision shortcut.
+    # float32 with TF32 off even on GPUs (evaluate's default): the test must not depend on a precision shortcut.
     loader = DeviceLoader(images, labels, eval_batch_size(device), train=False)
     result = evaluate(model, loader, return_preds=True, tta=tta)
     y_true, y_pred = labels.cpu().numpy(), result["preds"].numpy()

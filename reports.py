@@ -217,8 +217,9 @@ def write_report(rows: list, out_dir: str, args):
         f"Code version `{code_version()}`.", "",
         "Accuracies in percent; each test accuracy with its exact 95 % (Clopper-Pearson) interval over the test "
         "images, and the validation-minus-test gap with its 95 % interval (normal approximation; validation is "
-        "the best of many epochs, so the gap leans positive). Validation and test both ran in float32, whatever "
-        "precision trained the model, so the gap compares one function on two image sets.", "",
+        "the best of many epochs, so the gap leans positive). The test ran in float32 (TF32 off), whatever "
+        "precision trained the model; validation ran in float32 too, but in the training's precision (bf16 or "
+        "fp16) for a model trained on a CUDA GPU, whose gap then also holds that difference (docs/speed.md).", "",
         "| model | test acc | 95 % interval | macro precision | macro recall | macro F1 | best val acc | val − test "
         "(95 % interval) | epochs run |",
         "|---|---|---|---|---|---|---|---|---|",

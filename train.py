@@ -10,7 +10,9 @@ import ctypes
 import math
 import random
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -215,8 +217,8 @@ def pick_device(name: str = "auto") -> torch.device:
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 AMP_HELP = ("mixed precision of the training steps: auto (bf16 on a GPU that runs it natively, Ampere and "
             "newer; fp16 with loss scaling on older ones such as a T4 or V100; off on the CPU and MPS, where "
-            "bf16 is emulated and slower), bf16, fp16 or off. Validation and the test always run in float32 "
-            "(default: auto)")
+            "bf16 is emulated and slower), bf16, fp16 or off. Each epoch's validation on a CUDA GPU runs in the "
+            "same precision (elsewhere in float32); the test always runs in float32, TF32 off (default: auto)")
 
 
 def resolve_amp(device: torch.device, amp: str = "auto") -> torch.dtype | None:
@@ -230,6 +232,15 @@ def resolve_amp(device: torch.device, amp: str = "auto") -> torch.dtype | None:
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.bfloat16 if native else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def validation_amp(device: torch.device, amp_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype of each epoch's validation: the training's on a CUDA GPU, else None (float32).
+
+    On a GPU a float32 validation of a patch-2 shape costs about as much as a bf16 training epoch, and it only
+    ranks epochs (early stopping, the best one); the test, the figure reported, stays float32 (docs/speed.md).
+    Elsewhere amp is off unless asked for, and a CPU's bf16 is emulated: float32 costs nothing there."""
+    return amp_dtype if device.type == "cuda" else None
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
@@ -274,7 +285,7 @@ def _as_tuples(x):
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # where torch >= 2.4 has a fused AdamW kernel
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # where torch >= 2.4 has fused kernels, for SGD as for AdamW
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
@@ -287,7 +298,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay / 10}, {"params": no_decay, "weight_decay": 0.0}]
     # The search draws one lr range for both optimizers; SGD needs about 100x AdamW's step size.
-    return torch.optim.SGD(groups, lr=cfg.lr * cfg.sgd_lr_scale, momentum=0.9, nesterov=True)
+    return torch.optim.SGD(groups, lr=cfg.lr * cfg.sgd_lr_scale, momentum=0.9, nesterov=True, fused=fused)
 
 
 def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
@@ -357,27 +368,55 @@ def cpu_micro_batch(cfg: TrainConfig) -> int:
     return max(1, min(cfg.batch_size, CPU_ACTIVATION_BUDGET // per_sample))
 
 
+_FLOAT32_LOCK = threading.RLock()  # the flags are the process's: threads that evaluate at once take turns
+
+
+@contextmanager
+def strict_float32():
+    """float32 matmuls and convolutions on CUDA, TF32 off for both (by default cuDNN's convolutions use TF32,
+    cuBLAS's matmuls do not); the settings before come back after. Through torch's fp32_precision settings, which
+    replace the allow_tf32 flags (torch 2.9 on; mixing the two can raise), where torch has them."""
+    if hasattr(torch.backends.cudnn, "conv"):  # (where, name, strict value) for the matmuls and the convolutions
+        flags = ((torch.backends.cuda.matmul, "fp32_precision", "ieee"),
+                 (torch.backends.cudnn.conv, "fp32_precision", "ieee"))
+    else:  # torch < 2.9
+        flags = ((torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False))
+    with _FLOAT32_LOCK:
+        before = [getattr(where, name) for where, name, _ in flags]
+        for where, name, strict in flags:
+            setattr(where, name, strict)
+        try:
+            yield
+        finally:
+            for (where, name, _), value in zip(flags, before):
+                setattr(where, name, value)
+
+
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, loader: DeviceLoader, return_preds: bool = False, tta: bool = False):
+def evaluate(model: torch.nn.Module, loader: DeviceLoader, return_preds: bool = False, tta: bool = False,
+             amp_dtype: torch.dtype | None = None):
     """Mean loss and accuracy over every sample of the loader (and predictions and class probabilities,
     if asked). tta adds "tta_acc": the accuracy of averaging each image's and its mirror's logits;
     everything else stays the plain figure, from the same pass.
 
-    Always float32, whatever precision trained the model: validation (early stopping, the best
-    epoch) and the test then measure the same function, and their gap compares like with like."""
+    amp_dtype None (the default; the test's): float32 with TF32 off (strict_float32), whatever precision
+    trained the model, so that the test's figures depend on no precision shortcut. Else an autocast dtype:
+    a GPU's per-epoch validation, in the training's precision (validation_amp)."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
     tta_correct = torch.zeros((), device=device, dtype=torch.long)
     outs = []  # class probabilities with return_preds, else only the predicted classes
-    for x, y in loader:
-        logits = model(x)
-        if tta:
-            mirrored = (logits + model(x.flip(3))) / 2  # flip(3): the width axis of (B, C, H, W)
-            tta_correct += (mirrored.argmax(1) == y).sum()
-        loss_sum += loss_fn(logits.float(), y) * len(y)
-        # Probabilities only when asked: a validation epoch needs just the argmax.
-        outs.append(logits.float().softmax(1) if return_preds else logits.argmax(1))
+    precision = strict_float32() if amp_dtype is None else torch.autocast(device.type, dtype=amp_dtype)
+    with precision:
+        for x, y in loader:
+            logits = model(x)
+            if tta:
+                mirrored = (logits + model(x.flip(3))) / 2  # flip(3): the width axis of (B, C, H, W)
+                tta_correct += (mirrored.argmax(1) == y).sum()
+            loss_sum += loss_fn(logits.float(), y) * len(y)
+            # Probabilities only when asked: a validation epoch needs just the argmax.
+            outs.append(logits.float().softmax(1) if return_preds else logits.argmax(1))
     outs = torch.cat(outs)
     preds = outs.argmax(1) if return_preds else outs
     n = len(loader.labels)
@@ -399,8 +438,10 @@ class _LateValue:
         self.host = total.to("cpu", non_blocking=True, copy=True)  # copy: on a CPU, .to would alias the running sum
         self.event = None
         if total.device.type == "cuda":
+            # On the training device's stream: record() alone takes the current device's, which with
+            # --device cuda:1 is GPU 0, so the event would not follow the copy.
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(total.device))
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
@@ -423,11 +464,13 @@ class Trainer:
         self.cfg, self.device, self.progress, self.log_every_s = cfg, device, progress, log_every_s
         self.stop_check = stop_check or (lambda: None)
         self.amp_dtype = resolve_amp(device, amp)
+        self.val_amp_dtype = validation_amp(device, self.amp_dtype)
         # fp16's narrow range underflows small gradients: scale the loss up, and the gradients back
         # before clipping and the step. A disabled scaler passes everything through unchanged.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         # Fused AdamW: one kernel instead of ~10 per tensor (CPU: 1.1 ms instead of 4-5 ms a step for
-        # the seed's best shape).
+        # the seed's best shape). Fused SGD likewise, and under fp16 it takes GradScaler's inf check as a
+        # tensor: an unfused step reads it on the host, a GPU sync every step.
         fused = device.type in FUSED_ADAMW_DEVICES if fused is None else fused
         if device.type == "cpu":
             keep_freed_memory()
@@ -442,7 +485,6 @@ class Trainer:
         # no other draw depends on, so that e.g. the model's size never shifts the augmentation's stream.
         model.init_weights(torch.Generator().manual_seed(cfg.seed))
         self.model = model.to(device)
-        self.model.use_generator(self.random.device)
         compile = {True: "default", False: "off"}.get(compile, compile)
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
@@ -451,7 +493,7 @@ class Trainer:
             # run eager. Each Trainer starts from a clean cache instead: it then compiles exactly once.
             torch._dynamo.reset()
         self.step_model = self.model if compile == "off" else torch.compile(self.model, mode=compile)
-        self.optimizer = make_optimizer(self.model, cfg, fused=fused and cfg.optimizer == "adamw")
+        self.optimizer = make_optimizer(self.model, cfg, fused=fused)
         self.micro_batch = micro_batch or (cfg.batch_size if device.type != "cpu" else cpu_micro_batch(cfg))
         self.val_loader = DeviceLoader(val_images, val_labels, eval_batch_size(device, self.micro_batch), train=False)
         steps = len(self.train_loader)
@@ -508,9 +550,11 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             # Gradients of micro-batches, each weighted by its share, add up to the whole batch's.
             for xm, tm, ym in zip(x.split(self.micro_batch), targets.split(self.micro_batch), y.split(self.micro_batch)):
+                # Drop-path's draws from the run's own generator, outside the (possibly compiled) forward.
+                keep = self.model.drop_path_keep(len(xm), self.random.device)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
-                    logits = model(xm)
+                    logits = model(xm, keep)
                 loss = loss_fn(logits.float(), tm, cfg.label_smoothing) * (len(ym) / len(y))
                 self.scaler.scale(loss).backward()
                 # Accumulate on the device: a .item() per step would stall a GPU.
@@ -565,7 +609,7 @@ class Trainer:
             started = time.monotonic()
             lr = self.optimizer.param_groups[0]["lr"]
             record = self.train_epoch()
-            val = evaluate(self.model, self.val_loader)
+            val = evaluate(self.model, self.val_loader, amp_dtype=self.val_amp_dtype)
             self.epoch += 1
             record = {"epoch": self.epoch, **record, "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
                       "epoch_s": time.monotonic() - started}  # training and validation

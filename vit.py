@@ -95,37 +95,23 @@ class MLP(nn.Module):
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop a sample's whole residual branch with probability p, in training only.
-
-    Draws from `generator` (on the activations' device) when one is set (ViT.use_generator), else from
-    torch's global RNG.
-    """
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-        self.generator = None
-
-    def forward(self, x):
-        if not self.training or self.p == 0.0:
-            return x
-        keep = torch.rand(x.shape[0], 1, 1, device=x.device, generator=self.generator) >= self.p  # one draw per sample
-        return x * (keep.to(x.dtype) / (1.0 - self.p))  # scale the (B, 1, 1) mask: one full-size op, not two
+def drop_path(branch: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Stochastic depth: a residual branch times each sample's keep scale, 0 (dropped) or 1 / (1 - p).
+    keep: (B,) from ViT.drop_path_keep, or None (evaluation, or no drop-path): the branch unchanged."""
+    return branch if keep is None else branch * keep.to(branch.dtype).view(-1, 1, 1)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ViTConfig, drop_path: float):
+    def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.embed_dim)
         self.attn = Attention(cfg)
         self.norm2 = nn.LayerNorm(cfg.embed_dim)
         self.mlp = MLP(cfg)
-        self.drop_path = DropPath(drop_path)
 
-    def forward(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(self, x, keep=None):  # keep: (2, B), the attention's and the MLP's keep scales, or None
+        x = x + drop_path(self.attn(self.norm1(x)), None if keep is None else keep[0])
+        x = x + drop_path(self.mlp(self.norm2(x)), None if keep is None else keep[1])
         return x
 
 
@@ -139,8 +125,10 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, cfg.embed_dim))
         self.drop = nn.Dropout(cfg.dropout)
         # Deeper blocks are dropped more often: early features are shared by everything after them.
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
-        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        # Not persistent: the state_dict stays timm's VisionTransformer's.
+        self.register_buffer("drop_rates", torch.linspace(0, cfg.drop_path, cfg.depth).view(-1, 1, 1),
+                             persistent=False)  # (depth, 1, 1)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
         self.init_weights()
@@ -161,19 +149,30 @@ class ViT(nn.Module):
         if self.cls_token is not None:
             normal(self.cls_token)
 
-    def use_generator(self, generator: torch.Generator | None):
-        """Stochastic depth draws from this generator (on the model's device) from now on; None: the global RNG."""
-        for m in self.modules():
-            if isinstance(m, DropPath):
-                m.generator = generator
+    def drop_path_keep(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """Every residual branch's keep scale for a training batch, in one draw: (depth, 2, B), each 0 with
+        its block's rate and 1 / (1 - rate) otherwise; None in evaluation or with drop-path off.
 
-    def forward(self, x):
+        Drawn from `generator` (on the model's device; None: torch's global RNG) outside forward, so that a
+        compiled forward holds no random op of its own: torch.compile cannot trace a generator argument,
+        and would break the graph at every branch (8 graphs for the seed's shape)."""
+        if not self.training or self.cfg.drop_path == 0:
+            return None
+        rates = self.drop_rates
+        u = torch.rand(len(self.blocks), 2, batch, device=rates.device, generator=generator)
+        return (u >= rates).to(rates.dtype) / (1.0 - rates)
+
+    def forward(self, x, keep=None):
+        """x: (B, C, H, W) images; keep: drop_path_keep's scales, or None (drawn here from the global RNG
+        in training mode)."""
+        if keep is None:
+            keep = self.drop_path_keep(x.shape[0])
         x = self.patch_embed(x)  # (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
         x = self.drop(x + self.pos_embed)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if keep is None else keep[i])
         x = self.norm(x)
         x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, D)
         return self.head(x)  # (B, num_classes)

@@ -72,6 +72,30 @@ def test_metrics_equal_a_direct_computation_and_sklearn(trained):
     assert os.path.getsize(os.path.join(out, "confusion_matrix.png")) > 10_000
 
 
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch < 2.9 has no fp32_precision settings")
+def test_the_test_runs_in_float32_with_tf32_off_and_leaves_the_settings_as_they_were(trained, tmp_path, monkeypatch):
+    path, ds = trained
+    copy = tmp_path / "best.pt"
+    copy.write_bytes(open(path, "rb").read())
+
+    def settings():
+        return (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+                torch.is_autocast_enabled("cpu"))
+
+    seen, real = [], evaluate.model_from_checkpoint
+
+    def watched(*args):
+        model = real(*args)
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(settings()))
+        return model
+
+    monkeypatch.setattr(evaluate, "model_from_checkpoint", watched)
+    before = settings()
+    evaluate_checkpoint(str(copy), ds, "cpu")
+    assert seen and set(seen) == {("ieee", "ieee", False)}  # TF32 off for both, no autocast
+    assert settings() == before
+
+
 class RunsCode:
     """A pickle payload that, if unpickled, runs a shell command."""
 

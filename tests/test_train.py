@@ -79,7 +79,7 @@ RANDOM_RECIPES = {"mixup": dict(mixup_alpha=0.1),
 
 @pytest.mark.parametrize("recipe", RANDOM_RECIPES)
 def test_resuming_from_a_state_dict_matches_an_uninterrupted_run(recipe):
-    recipe = RANDOM_RECIPES[recipe]
+    recipe = dict(depth=2, drop_path=0.2, **RANDOM_RECIPES[recipe])  # depth 2: the second block's drop-path is on
     full = make_trainer(epochs=4, **recipe).fit()
     first = make_trainer(epochs=4, **recipe)
     first.fit(on_epoch=lambda t, rec: setattr(t, "bad_epochs", 10**6) if rec["epoch"] == 2 else None)
@@ -240,7 +240,7 @@ def test_a_run_gives_the_same_history_alone_and_beside_another(recipe):
     torch's global RNG, which all of those drew from."""
     import threading
 
-    recipe = dict(epochs=3, drop_path=0.2, randaug_ops=2, **RANDOM_RECIPES[recipe])
+    recipe = dict(epochs=3, depth=2, drop_path=0.2, randaug_ops=2, **RANDOM_RECIPES[recipe])  # depth 2: see above
     alone = make_trainer(**recipe).fit()
     first = make_trainer(**recipe)
     other_started = threading.Event()
@@ -282,6 +282,108 @@ def test_amp_auto_picks_what_the_card_runs_natively(monkeypatch):
     assert resolve_amp(torch.device("cuda"), "off") is None
     with pytest.raises(ValueError, match="amp must be one of"):
         resolve_amp(torch.device("cpu"), "fp8")
+
+
+def precision_now() -> tuple:
+    """What a forward runs under: cuBLAS's and cuDNN's float32 settings (settable on a CPU-only torch too),
+    and the CPU's autocast dtype, None when autocast is off."""
+    return (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch < 2.9 has no fp32_precision settings")
+def test_strict_float32_turns_tf32_off_for_matmuls_and_convolutions_and_puts_the_settings_back():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    try:
+        for outside in (saved, ("tf32", "tf32")):  # torch's defaults (conv TF32, matmul not), then TF32 everywhere
+            matmul.fp32_precision, conv.fp32_precision = outside
+            with pytest.raises(KeyError):  # an error inside still puts them back
+                with train.strict_float32():
+                    assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+                    with train.strict_float32():  # nested, as evaluate inside evaluate
+                        pass
+                    assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+                    raise KeyError
+            assert (matmul.fp32_precision, conv.fp32_precision) == outside
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch < 2.9 has no fp32_precision settings")
+def test_evaluate_runs_strict_float32_by_default_and_autocasts_when_given_a_dtype():
+    trainer = make_trainer(epochs=1)
+    seen = []
+    trainer.model.register_forward_pre_hook(lambda module, args: seen.append(precision_now()))
+    before = precision_now()
+    plain = train.evaluate(trainer.model, trainer.val_loader)
+    assert seen and set(seen) == {("ieee", "ieee", None)} and precision_now() == before
+    seen.clear()
+    bf16 = train.evaluate(trainer.model, trainer.val_loader, amp_dtype=torch.bfloat16)
+    assert seen and set(seen) == {(*before[:2], torch.bfloat16)} and precision_now() == before
+    assert bf16["loss"] != plain["loss"] and bf16["loss"] == pytest.approx(plain["loss"], rel=2e-2)
+
+
+def test_validation_runs_in_the_training_precision_on_a_gpu_and_in_float32_elsewhere(monkeypatch):
+    from train import validation_amp
+
+    for dtype in (torch.bfloat16, torch.float16, None):
+        assert validation_amp(torch.device("cuda", 1), dtype) is dtype
+        assert validation_amp(torch.device("cpu"), dtype) is None  # --amp bf16 on a CPU still validates in fp32
+        assert validation_amp(torch.device("mps"), dtype) is None
+    splits = synthetic_splits(n_train=128, n_val=64)
+    cpu = Trainer(TrainConfig(**TINY, epochs=2), splits.train_images, splits.train_labels, splits.val_images,
+                  splits.val_labels, device=torch.device("cpu"), amp="bf16", progress=False)
+    assert cpu.amp_dtype is torch.bfloat16 and cpu.val_amp_dtype is None
+    # fit validates in val_amp_dtype: after the first epoch, forced to bf16 as a GPU's would be
+    asked, real = [], train.evaluate
+
+    def spy(model, *args, **kwargs):
+        if model is cpu.model:  # not another test's run still going in a thread of its own
+            asked.append(kwargs.get("amp_dtype"))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", spy)
+    cpu.fit(on_epoch=lambda t, record: setattr(t, "val_amp_dtype", torch.bfloat16))
+    assert asked == [None, torch.bfloat16]
+
+
+def test_sgd_is_fused_where_torch_has_the_kernel_and_trains_alike():
+    splits = synthetic_splits(n_train=256, n_val=64)
+
+    def sgd(**options):
+        return Trainer(TrainConfig(**TINY, epochs=2, optimizer="sgd", lr=1e-3), splits.train_images,
+                       splits.train_labels, splits.val_images, splits.val_labels, device=torch.device("cpu"),
+                       progress=False, **options)
+
+    fused, plain = sgd(), sgd(fused=False)
+    assert fused.optimizer.defaults["fused"] is True and plain.optimizer.defaults["fused"] is False
+    a, b = fused.fit(), plain.fit()
+    assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], rel=1e-5)
+    assert [r["val_loss"] for r in a] == pytest.approx([r["val_loss"] for r in b], rel=1e-5)
+
+
+def test_the_progress_event_is_recorded_on_the_training_device_s_stream(monkeypatch):
+    """With --device cuda:1, an event recorded on the current device's stream (GPU 0's) would not follow the copy."""
+    recorded = []
+
+    class Event:
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def query(self):
+            return True
+
+    class SumOnGpu1:  # a running sum on cuda:1, as far as _LateValue looks at it
+        device = torch.device("cuda", 1)
+
+        def to(self, *args, **kwargs):
+            return torch.tensor(6.0)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"the current stream of {device}")
+    late = train._LateValue(SumOnGpu1(), 3)
+    assert recorded == ["the current stream of cuda:1"] and late.ready() and late.value == 2.0
 
 
 def test_fp16_trains_with_a_loss_scaler_that_checkpoints_carry():
