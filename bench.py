@@ -13,10 +13,19 @@
    precision, with the same (fused or not) AdamW and gradient clipping, so that their ratio
    measures the data pipelines alone;
 4. the peak memory of each (RSS on CPU, torch.cuda.max_memory_allocated on a CUDA GPU, the MPS
-   driver's allocation on a Mac).
+   driver's allocation on a Mac);
+5. the operations a whole training step of the seed's configuration dispatches (configs/seed_recipe.json,
+   augmentation's share included), counted by torch.profiler, eager and compiled (--ops; --ops-only
+   counts and stops): on a CPU, counted in bf16, they stand in for the kernels a GPU launches, which a
+   GPU counts too.
 Our side and the usual side each run in their own fresh process, taking turns (never at once); each
-peak memory is measured in a fresh process of its own. --images and --rounds make a run smaller
-still than --quick (check_gpu.py's CPU smoke test).
+peak memory and each operation count is measured in a fresh process of its own. --images and
+--rounds make a run smaller still than --quick (check_gpu.py's CPU smoke test).
+
+    python bench.py --grid --json grid.json
+
+times instead every configuration of stage 1's search space as a stage runs it (check_gpu.py
+projects the plan's time from them).
 """
 
 import argparse
@@ -412,11 +421,262 @@ def peak_memory(kind: str, device_arg: str, data_dir: str, n: int, amp: str = "a
     return float(out.strip().splitlines()[-1])
 
 
+# ----------------------------------------------------------------------------- operations per step
+
+SEED_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "seed_recipe.json")
+
+# aten ops that launch no kernel of their own on a GPU: views, metadata and allocations, and wrappers whose
+# work, when there is any, is a child op and counted as theirs (a real cast by .to is its _to_copy's copy_;
+# .to to the same dtype, dropout at p = 0 and a reshape that views are nothing).
+NO_KERNEL = frozenset("aten::" + name for name in (
+    "view", "_unsafe_view", "_reshape_alias", "as_strided", "transpose", "t", "permute", "expand", "expand_as",
+    "select", "slice", "narrow", "unsqueeze", "squeeze", "split", "split_with_sizes", "unbind", "chunk", "unfold",
+    "alias", "detach", "detach_", "view_as", "diagonal", "movedim", "unflatten", "lift_fresh", "empty", "empty_like",
+    "empty_strided", "resize_", "as_strided_", "set_", "resolve_conj", "resolve_neg", "result_type", "to", "type_as",
+    "contiguous", "reshape", "flatten", "dropout", "clone", "_to_copy"))
+# CUDA runtime calls that start work on the GPU (their names' starts: versions add suffixes): kernels, and a
+# whole CUDA graph as one.
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaLaunchCooperativeKernel")
+
+
+def count_dispatched(events) -> dict:
+    """A profile's operations: "ops", the outermost aten calls (from Python, the autograd engine or a compiled
+    graph) that do work, themselves or through a child, plus each fused C++ kernel of a compiled graph (a
+    profiler event of its own once inductor's cpp.enable_kernel_profile is set); and, where the profile has
+    CUDA's runtime calls, "kernel_launches". On a CPU the ops stand in for the kernels a GPU would launch; on
+    a GPU a compiled graph's Triton kernels are no event of their own, so there only the launches count them."""
+    memo = {}
+
+    def works(e) -> bool:
+        if id(e) not in memo:
+            # Other events (autograd's names, record_function's) are no work themselves; a kernel is.
+            itself = e.name not in NO_KERNEL if e.name.startswith("aten::") else "cpp_fused" in e.name
+            memo[id(e)] = itself or any(works(c) for c in e.cpu_children)
+        return memo[id(e)]
+
+    def inside_aten(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("aten::"):
+                return True
+            p = p.cpu_parent
+        return False
+
+    ops = sum(1 for e in events if (e.name.startswith("aten::") and not inside_aten(e) and works(e))
+              or "cpp_fused" in e.name)
+    counts = {"ops": ops}
+    launches = sum(1 for e in events if e.name.startswith(LAUNCHES))
+    if launches:
+        counts["kernel_launches"] = launches
+    return counts
+
+
+def seed_config(**changes) -> TrainConfig:
+    """The seed's configuration (configs/seed_recipe.json): patch 4, width 128, depth 6, 4 heads, batch 128,
+    drop-path 0.1, RandAugment(2, 9)."""
+    with open(SEED_RECIPE) as f:
+        return TrainConfig.from_dict({**json.load(f), **changes})
+
+
+def ops_amp(device, amp: str) -> str:
+    """The precision operations are counted in: the bench's, except that a CPU under auto counts in bf16,
+    since its count stands in for a GPU's launches and a GPU trains in bf16 (autocast adds the casts)."""
+    return "bf16" if amp == "auto" and device.type != "cuda" else amp
+
+
+def step_ops(cfg: TrainConfig, device, amp: str = "auto", compile: str = "off") -> dict:
+    """Operations dispatched per training step, as the Trainer runs it: augmentation's share, forward,
+    backward, clipping, the optimizer's and the schedule's steps and the metrics. One epoch over as many
+    images as DeviceLoader augments in one call (so that the augmentation's calls per step are the real
+    ones) is profiled after one that warms up (the optimizer's state; compiling), and its total divided
+    by its steps; the epoch's own few ops (the shuffle, the sums' start and end) ride along."""
+    import torch._inductor.config  # patched below; imported here, where it is needed
+    from torch.profiler import ProfilerActivity, profile
+
+    n = max(1, AUGMENT_CHUNK // cfg.batch_size) * cfg.batch_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
+    y = (torch.arange(n) % 10).to(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": compile != "off"}):
+        trainer = Trainer(cfg, x, y, x[:cfg.batch_size], y[:cfg.batch_size], device, amp=amp, compile=compile,
+                          fused=step_settings(device, amp)["fused"], progress=False)
+        trainer.train_epoch()
+        sync(device)
+        with profile(activities=activities) as prof:
+            trainer.train_epoch()
+            sync(device)
+    steps = len(trainer.train_loader)
+    return {"steps": steps, **{k: v / steps for k, v in count_dispatched(prof.events()).items()}}
+
+
+OPS_MODES = {"off": (), "eager": ("off",), "both": ("off", "default")}  # --ops: which steps are counted
+
+
+def ops_figures(device, amp: str = "auto", which: str = "both", cfg: TrainConfig | None = None) -> dict:
+    """step_ops of the seed's configuration (or cfg), eager and (with which="both") compiled by torch.compile's
+    default mode, each in a fresh process, so that neither inherits the other's compiled code or the bench's
+    warm caches."""
+    cfg = cfg or seed_config()
+    r = {"ops_precision": PRECISION[resolve_amp(device, ops_amp(device, amp))],
+         "ops_shape": {k: getattr(cfg, k) for k in ("patch_size", "embed_dim", "depth", "num_heads", "batch_size",
+                                                     "drop_path")}}
+    for mode in OPS_MODES[which]:
+        counts = _in_child("ops", device, ops_amp(device, amp), {"config": cfg.to_dict(), "compile": mode})
+        name = "eager" if mode == "off" else "compiled"
+        r[f"ops_per_step_{name}"] = counts["ops"]
+        if "kernel_launches" in counts:
+            r[f"launches_per_step_{name}"] = counts["kernel_launches"]
+    return r
+
+
+def _in_child(kind: str, device, amp: str, job: dict) -> dict:
+    """Run job in a fresh process of this script (--child KIND --job JSON) and return the JSON it prints last."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--device", str(device), "--amp", amp,
+           "--job", json.dumps(job)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"bench.py --child {kind} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- the search space's step times
+
+# Categorical choices of the search space that cost nothing per step (the schedule's shape), and those
+# measured at their costliest (Mixup on: every batch mixed).
+COST_FREE, AT_MOST = ("scheduler",), ("mixup_alpha",)
+
+
+class _Proposer:
+    """Stands in for an Optuna trial: proposes the given categorical values (else the first choice) and a
+    range's low end, and notes the choices, so that stage 1's suggest_config, the search space's one
+    definition, both lists the space and builds each of its configurations."""
+
+    def __init__(self, values: dict | None = None):
+        self.values, self.choices = values or {}, {}
+
+    def suggest_categorical(self, name, choices):
+        self.choices[name] = list(choices)
+        return self.values.get(name, choices[0])
+
+    def suggest_float(self, name, low, high, log=False):
+        return low
+
+    def suggest_int(self, name, low, high, step=1, log=False):
+        return low
+
+
+def costliest_recipe() -> TrainConfig:
+    """Whatever either stage runs that costs time per step, all on: stage 2's long recipe (CutMix, random
+    erasing, label smoothing) with every batch mixed, as stage 1's mix_prob 1 does. A step measured with it
+    is at least as long as one of either stage's, up to a few small ops (CutMix or Mixup, one per batch)."""
+    from train import LONG_RECIPE
+
+    return TrainConfig(**{**LONG_RECIPE, "mix_prob": 1.0})
+
+
+def search_grid() -> list:
+    """Every configuration of the search space that differs in a step's cost: each combination of its
+    categorical choices (shape, batch size, optimizer), those in AT_MOST at their largest, on the costliest
+    recipe. lr and the schedule change no step's cost."""
+    import itertools
+
+    from stage1_search import suggest_config
+
+    base = costliest_recipe()
+    probe = _Proposer()
+    suggest_config(probe, base)
+    fixed = {name: max(probe.choices[name]) for name in AT_MOST if name in probe.choices}
+    names = [n for n in probe.choices if n not in COST_FREE and n not in fixed]
+    return [suggest_config(_Proposer({**fixed, **dict(zip(names, values))}), base)
+            for values in itertools.product(*(probe.choices[n] for n in names))]
+
+
+GRID_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "batch_size", "optimizer")
+
+
+def _timed(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def config_times(cfg: TrainConfig, device, amp: str, images: int, val_images: int, folder: str) -> dict:
+    """One configuration's per-trial and per-epoch costs as a stage runs them, through the Trainer: setup_s
+    (building it: the model, its weights, the optimizer), step_s (a whole training step, augmentation and
+    mixing included: each of two epochs of `images` over its steps, after a first one), val_s (one
+    validation of val_images), warmup_s (what the first epoch and validation took beyond the later ones),
+    save_s (one checkpoint written, as each epoch writes last.pt)."""
+    from checkpoint import save_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (images + val_images, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
+    y = (torch.arange(images + val_images) % 10).to(device)
+    trainer = None
+
+    def build():
+        nonlocal trainer
+        trainer = Trainer(cfg, x[:images], y[:images], x[images:], y[images:], device, amp=amp, progress=False)
+
+    def validate():
+        evaluate(trainer.model, trainer.val_loader)
+
+    setup_s = _timed(build, device)
+    first = _timed(trainer.train_epoch, device) + _timed(validate, device)
+    epochs = [_timed(trainer.train_epoch, device) for _ in range(2)]
+    val_s = min(_timed(validate, device) for _ in range(2))
+    steps = len(trainer.train_loader)
+    save_s = _timed(lambda: save_checkpoint(trainer.state_dict(), os.path.join(folder, "last.pt")), device)
+    return {**{k: getattr(cfg, k) for k in GRID_KEYS}, "setup_s": setup_s, "steps": steps,
+            "step_s": [t / steps for t in epochs], "val_s": val_s,
+            "warmup_s": max(0.0, first - statistics.mean(epochs) - val_s), "save_s": save_s}
+
+
+def grid_times(device, amp: str = "auto", tiny: bool = False) -> dict:
+    """config_times of every configuration in search_grid: epochs of two augmentation calls' images, and a
+    stage's 5,000 validation images (on a CPU 500, scaled up). tiny: a smoke test's run, which checks that
+    everything runs and whose times mean nothing: the configurations of the cheapest shape alone, batches
+    a 16th of the size, one step an epoch, 16 validation images."""
+    import tempfile
+
+    val_images = 16 if tiny else 500 if device.type == "cpu" else 5000
+    grid = search_grid()
+    if tiny:
+        cheapest = (max(c.patch_size for c in grid), min(c.embed_dim for c in grid), min(c.depth for c in grid),
+                    min(c.num_heads for c in grid))
+        grid = [c for c in grid if (c.patch_size, c.embed_dim, c.depth, c.num_heads) == cheapest]
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for cfg in grid:
+            if tiny:
+                cfg = TrainConfig.from_dict({**cfg.to_dict(), "batch_size": max(1, cfg.batch_size // 16)})
+            n = cfg.batch_size if tiny else 2 * max(1, AUGMENT_CHUNK // cfg.batch_size) * cfg.batch_size
+            row = config_times(cfg, device, amp, n, val_images, folder)
+            row["val_s"] *= 5000 / val_images
+            print(f"  {_grid_name(row)}: {1e3 * statistics.mean(row['step_s']):.1f} ms a step, validation "
+                  f"{row['val_s']:.2f} s, setup {row['setup_s']:.2f} s, first epoch +{row['warmup_s']:.2f} s, "
+                  f"checkpoint {row['save_s']:.2f} s", flush=True)
+            rows.append(row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {"device": device_name(device), "precision": PRECISION[resolve_amp(device, amp)],
+            "recipe": "costliest (stage 2's long recipe with Mixup and CutMix on every batch)",
+            "tiny": tiny, "val_images_timed": val_images, "configs": rows}
+
+
+def _grid_name(row: dict) -> str:
+    return (f"patch {row['patch_size']}, width {row['embed_dim']}, depth {row['depth']}, {row['num_heads']} heads, "
+            f"batch {row['batch_size']}, {row['optimizer']}")
+
+
 def measure(device, device_arg: str, data_dir: str, quick: bool, images_n: int | None = None,
-            rounds: int | None = None, amp: str = "auto", largest: bool = True) -> dict:
+            rounds: int | None = None, amp: str = "auto", largest: bool = True, ops: str | None = None) -> dict:
     """Every figure of the bench, as main's JSON holds them. device_arg: the --device text, for the
     child processes; images_n and rounds: per end-to-end turn and counted rounds (None: the
-    defaults); largest: also the search space's largest shape (its step and its peak memory)."""
+    defaults); largest: also the search space's largest shape (its step and its peak memory); ops:
+    which training steps' operations are counted (OPS_MODES; None: eager with quick, else both)."""
     cpu = device.type == "cpu"
     e2e_n = images_n or ((1536 if quick else 4096) if cpu else 45000)
     rounds = rounds or (5 if quick else 9)
@@ -453,7 +713,20 @@ def measure(device, device_arg: str, data_dir: str, quick: bool, images_n: int |
     if largest:  # a stage-1 trial of the search space's largest shape: the peak memory of a whole search
         largest_n = min(2 * BATCH, e2e_n) if cpu and quick else e2e_n
         r["peak_mem_mb_largest"] = peak_memory("largest", device_arg, data_dir, largest_n, amp)
+    r.update(ops_figures(device, amp, ops or ("eager" if quick else "both")))
     return r
+
+
+def ops_rows(r: dict) -> list:
+    """The operation counts' rows of the table: those measured."""
+    rows = []
+    for name in ("eager", "compiled"):
+        if f"ops_per_step_{name}" in r:
+            launches = r.get(f"launches_per_step_{name}")
+            rows.append((f"operations per step, {name}", f"{r[f'ops_per_step_{name}']:,.1f}",
+                         f"{launches:,.1f} kernel launches" if launches is not None
+                         else f"seed's shape, {r['ops_precision']}"))
+    return rows
 
 
 def table(r: dict) -> str:
@@ -478,6 +751,7 @@ def table(r: dict) -> str:
         (f"peak memory ({mem}), largest shape",
          f"{r['peak_mem_mb_largest']:,.0f} MB" if "peak_mem_mb_largest" in r else "-", "training + validation"),
     ]
+    rows += ops_rows(r)
     lines = [f"| {'measurement':<34} | {'figure':>16} | {'note':<28} |", f"|{'-' * 36}|{'-' * 18}:|{'-' * 30}|"]
     lines += [f"| {name:<34} | {fig:>16} | {note:<28} |" for name, fig, note in rows]
     return "\n".join(lines)
@@ -500,14 +774,32 @@ def main(argv=None):
     p.add_argument("--no-largest", action="store_true",
                    help="leave out the search space's largest shape (its step and peak memory): on a CPU the "
                         "slowest part of a small run (default: measured)")
+    p.add_argument("--ops", choices=list(OPS_MODES), default=None,
+                   help="count the operations a training step of the seed's configuration dispatches (torch.profiler; "
+                        "on a CPU, in bf16, a stand-in for a GPU's kernel launches, which a GPU also counts): off, "
+                        "eager, or both eager and compiled (one torch.compile, 30-60 s) (default: both; with --quick "
+                        "eager)")
+    p.add_argument("--ops-only", action="store_true",
+                   help="only count the operations (--ops, default both), print them and stop")
+    p.add_argument("--grid", action="store_true",
+                   help="only time every configuration of stage 1's search space (shape, batch, optimizer) as a "
+                        "stage runs it: setup, a training step, a validation of 5,000 images, the first epoch's "
+                        "warm-up, a checkpoint; check_gpu.py projects the plan from them (--json keeps them)")
+    p.add_argument("--grid-tiny", action="store_true", help=argparse.SUPPRESS)  # --grid's smoke test: tiny runs
     p.add_argument("--data-dir", default="data", help="CIFAR-10 folder; random images if absent (default: data)")
-    p.add_argument("--child", choices=["ours", "baseline", "largest"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["ours", "baseline", "largest", "ops"], help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--job", default="{}", help=argparse.SUPPRESS)  # a child's work, as JSON
     args = p.parse_args(argv)
     if args.images is not None and args.images < BATCH:
         p.error(f"--images must be at least {BATCH} (one batch), got {args.images}")
     if args.rounds is not None and args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.child == "ops":
+        job = json.loads(args.job)
+        print(json.dumps(step_ops(TrainConfig.from_dict(job["config"]), use_device(args.device), args.amp,
+                                  job["compile"])))
+        return
     if args.child:
         device = use_device(args.device)
         print(memory_child(args.child, args.data_dir, device, args.n, args.amp))
@@ -519,9 +811,15 @@ def main(argv=None):
     except DataError as e:
         sys.exit(f"error: {e}")
     device = use_device(args.device)
-    r = measure(device, args.device, args.data_dir, args.quick, args.images, args.rounds, args.amp,
-                largest=not args.no_largest)
-    print("\n" + table(r))
+    if args.grid:
+        r = grid_times(device, args.amp, tiny=args.grid_tiny)
+    elif args.ops_only:
+        r = ops_figures(device, args.amp, args.ops or "both")
+        print("\n".join(f"{name}: {fig} ({note})" for name, fig, note in ops_rows(r)))
+    else:
+        r = measure(device, args.device, args.data_dir, args.quick, args.images, args.rounds, args.amp,
+                    largest=not args.no_largest, ops=args.ops)
+        print("\n" + table(r))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)

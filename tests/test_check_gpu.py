@@ -1,7 +1,9 @@
 """check_gpu.py: its CPU smoke run end to end, the projection's arithmetic, packing and its one-line errors."""
 
+import glob
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -9,9 +11,16 @@ import tarfile
 import pytest
 
 import check_gpu
-from conftest import HAVE_REAL_DATA, REAL_DATA
+from conftest import HAVE_REAL_DATA, REAL_DATA, needs_real_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared")  # beside the checkout, as the module's docstring has it
+JPEG_NPZ = os.path.join(SHARED, "data", "cifar10-jpeg.npz")
+WHEELS = sorted(glob.glob(os.path.join(SHARED, "device-wheels", "*.whl")))
+needs_jpeg_copy = pytest.mark.skipif(
+    not (os.path.isfile(JPEG_NPZ) and WHEELS) and not os.environ.get("CI"),
+    reason=f"no JPEG copy of CIFAR-10 or no Optuna wheels in {os.path.normpath(SHARED)}: what a device call carries "
+           f"cannot be made here")
 
 
 @pytest.fixture
@@ -21,14 +30,21 @@ def data_dir(request):
 
 
 def test_the_cpu_smoke_check_runs_every_step_and_writes_its_figures(tmp_path, data_dir):
-    """About 2 minutes on 2 free cores: the bench, a 2-trial stage 1, a 1-epoch stage 2 and its test."""
-    out = tmp_path / "check"
+    """About 2 minutes on 2 free cores: the bench, the grid, a 2-trial stage 1, a 1-epoch stage 2 and its test;
+    where the JPEG copy is, on the subset rebuilt as the documented device call does it."""
+    out, data = tmp_path / "check", ["--data-dir", data_dir, "--no-download"]
+    if os.path.isfile(JPEG_NPZ):
+        check_gpu.make_check_data(JPEG_NPZ, str(tmp_path / "subset.npz"))
+        data = ["--data-npz", str(tmp_path / "subset.npz"), "--data-dir", str(tmp_path / "data")]
     r = subprocess.run([sys.executable, os.path.join(ROOT, "check_gpu.py"), "--device", "cpu", "--smoke", "--out",
-                        str(out), "--data-dir", data_dir, "--no-download"], capture_output=True, text=True, timeout=900)
+                        str(out), *data], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     check = json.loads((out / "check.json").read_text())
     assert check["check"]["ok"] and check["check"]["smoke"] and check["check"]["wall_s"] > 0
     assert check["environment"]["device"] == "cpu" and check["environment"]["precision"] == "fp32"
+    if "--data-npz" in data:  # what the summary says the accuracies mean
+        assert check["environment"]["data_subset"]["stage2_train_distinct"] == 9000 and check["data_rebuild"]["wall_s"] > 0
+        assert "9,000 different images" in (out / "check.md").read_text()
 
     bench = check["bench"]
     assert bench["ok"] and bench["wall_s"] > 0
@@ -37,11 +53,17 @@ def test_the_cpu_smoke_check_runs_every_step_and_writes_its_figures(tmp_path, da
         assert bench["figures"][key] > 0, key
     assert bench["figures"]["precision"] == bench["figures"]["matmul_peak_dtype"] == "fp32"
 
+    grid = check["grid"]
+    assert grid["ok"] and grid["figures"]["tiny"] and len(grid["figures"]["configs"]) == 4  # batch 64/128 x 2 optimizers
+    for row in grid["figures"]["configs"]:
+        assert row["setup_s"] > 0 and all(t > 0 for t in row["step_s"]) and row["val_s"] > 0 and row["save_s"] > 0
+
     stage1 = check["stage1"]
     assert stage1["ok"] and len(stage1["trials"]) == 2
     for t in stage1["trials"]:
         assert t["epochs_run"] == 1 and 0 <= t["best_val_acc"] <= 1
         assert all(x > 0 for x in t["epoch_s"] + t["train_img_s"]) and t["plan_epoch_s"] > t["steady_epoch_s"]
+        assert 0 <= t["started_s"] < t["ended_s"]  # from the study's storage
 
     stage2 = check["stage2"]
     assert stage2["ok"] and [m["model"] for m in stage2["models"]] == ["config_0"]
@@ -50,18 +72,21 @@ def test_the_cpu_smoke_check_runs_every_step_and_writes_its_figures(tmp_path, da
     assert m["epoch_s"][0] > 0 and m["plan_epoch_s"] > m["steady_epoch_s"]  # 1 % of the images: scaled up
 
     plan = check["plan"]
-    assert plan["upper_bound"] and plan["stage1_s"] > 0 and plan["stage2_s"] > 0
-    assert plan["total_s"] == pytest.approx(plan["stage1_s"] + plan["stage2_s"])
+    for kind in ("bound", "estimate"):
+        assert plan[kind]["stage1_s"] > 0 and plan[kind]["stage2_s"] > 0
+        assert plan[kind]["total_s"] == pytest.approx(plan[kind]["stage1_s"] + plan[kind]["stage2_s"])
+    assert plan["bound"]["total_s"] >= plan["estimate"]["total_s"]
 
     assert sorted(os.listdir(out)) == ["check.json", "check.md", "results"]
     results = out / "results"
-    for path in ("bench.json", "logs/bench.log", "logs/stage1.log", "logs/stage2.log", "stage1/summary.md",
-                 "stage1/top3.json", "stage1/trial_0000/metrics.json", "stage1/trial_0001/metrics.json",
-                 "stage2/report.md", "stage2/config_0/test_metrics.json", "stage2/config_0/best.pt"):
+    for path in ("bench.json", "grid.json", "logs/bench.log", "logs/grid.log", "logs/stage1.log", "logs/stage2.log",
+                 "stage1/summary.md", "stage1/top3.json", "stage1/trial_0000/metrics.json",
+                 "stage1/trial_0001/metrics.json", "stage2/report.md", "stage2/config_0/test_metrics.json",
+                 "stage2/config_0/best.pt"):
         assert (results / path).is_file(), path
     summary = (out / "check.md").read_text()
-    assert "whole plan: at most" in summary and "FAILED" not in summary
-    assert "whole plan: at most" in r.stdout
+    assert "whole plan: estimate" in summary and "upper bound" in summary and "FAILED" not in summary
+    assert "mean nothing" in summary and "whole plan: estimate" in r.stdout
 
 
 def history(epochs: int, train_images: int, train_s: float, val_s: float, first_extra: float = 5.0) -> list:
@@ -78,17 +103,153 @@ def test_an_epoch_at_the_plans_size_is_the_measured_one_and_smaller_runs_scale_t
     assert tiny["plan_epoch_s"] == pytest.approx(20 * 0.2 + 1.0)  # 20x the images, the same validation
 
 
-def test_the_projection_counts_every_trial_and_model_at_full_length():
-    trial = {"shape": "s", "train_time_s": 23.0, **check_gpu.epoch_figures(history(3, 9000, 4.0, 1.0), 9000)}
-    trial["after_epoch_s"] = (23.0 - sum(trial["epoch_s"])) / 3  # 20 s of epochs: 1 s after each
-    model = {**check_gpu.epoch_figures(history(3, 45000, 20.0, 1.0), 45000)}
-    plan = check_gpu.project({"wall_s": 54.0, "trials": [trial, trial]},  # 8 s outside the trials
-                             {"wall_s": sum(model["epoch_s"]) + 30.0, "models": [model]})
-    assert plan["stage1_epoch_s"] == pytest.approx(5.0 + 1.0)
-    assert plan["stage1_s"] == pytest.approx(40 * (20 * 6.0 + 5.0) + 8.0)  # each trial warms up once
-    assert plan["stage2_s"] == pytest.approx(3 * (120 * 21.0 + 5.0 + 30.0))
-    assert plan["total_s"] == pytest.approx(plan["stage1_s"] + plan["stage2_s"]) and plan["upper_bound"]
-    assert "total_s" not in check_gpu.project({"wall_s": 1.0, "trials": []}, {"wall_s": 1.0, "models": [model]})
+def grid_row(patch, width, depth, heads, batch, optimizer, setup, steps, val, warmup, save):
+    return {"patch_size": patch, "embed_dim": width, "depth": depth, "num_heads": heads, "batch_size": batch,
+            "optimizer": optimizer, "setup_s": setup, "step_s": steps, "val_s": val, "warmup_s": warmup, "save_s": save}
+
+
+SEED = grid_row(4, 128, 6, 4, 128, "adamw", setup=1.0, steps=[0.010, 0.012], val=0.5, warmup=2.0, save=0.1)
+SLOW = grid_row(2, 192, 6, 4, 64, "sgd", setup=2.0, steps=[0.05, 0.06], val=3.0, warmup=5.0, save=0.2)
+SMALL = grid_row(4, 128, 4, 2, 64, "adamw", setup=0.5, steps=[0.008, 0.008], val=0.3, warmup=1.0, save=0.05)
+GRID = {"configs": [SEED, SLOW, SMALL]}
+
+
+def config(row):
+    return {k: row[k] for k in check_gpu.GRID_KEYS}
+
+
+def measured_trial(number, row, step_s, after_epoch, overhead, started):
+    """A stage-1 trial of 3 epochs of row's configuration on the proxy, each step step_s, after_epoch seconds after
+    each epoch, and overhead seconds of its own besides its Trainer's setup."""
+    steps = 9000 // row["batch_size"]
+    figures = check_gpu.epoch_figures(history(3, steps * row["batch_size"], steps * step_s, row["val_s"],
+                                              first_extra=row["warmup_s"]), 9000)
+    train_time = sum(figures["epoch_s"]) + 3 * after_epoch
+    return {"trial": number, "config": config(row), "train_time_s": train_time,
+            "after_epoch_s": after_epoch, "started_s": started,
+            "ended_s": started + train_time + row["setup_s"] + overhead, **figures}
+
+
+def stages():
+    t0 = measured_trial(0, SMALL, 0.008, after_epoch=0.30, overhead=4.0, started=0.0)
+    t1 = measured_trial(1, SEED, 0.0121, after_epoch=0.40, overhead=2.0, started=t0["ended_s"])
+    stage1 = {"wall_s": t1["ended_s"] + 7.0, "trials": [t0, t1]}  # 7 s of start, data and reports
+    steps = 45000 // 128
+    model = {"model": "config_0", "config": config(SEED), "epochs_run": 3, "best_epochs": 3,
+             **check_gpu.epoch_figures(history(3, steps * 128, steps * 0.011, 0.5, first_extra=2.0), 45000)}
+    # 10 s of its own: start, data, report; besides 6 checkpoints, 3 epochs' extras (0.3 s), setup and the test
+    stage2 = {"wall_s": sum(model["epoch_s"]) + 6 * 0.1 + 3 * 0.3 + 1.0 + 2 * 0.5 + 10.0, "models": [model]}
+    return stage1, stage2
+
+
+def test_the_costs_around_the_steps_come_from_the_stages_runs_per_epoch_per_trial_and_once():
+    stage1, stage2 = stages()
+    worst = check_gpu.stage_costs(GRID, stage1, stage2, max)
+    assert worst["epoch_extra_s"] == pytest.approx(0.3)  # 0.40 after an epoch, less its 0.1 s checkpoint
+    assert worst["trial_overhead_s"] == pytest.approx(4.0)  # each trial's own, its Trainer's setup aside
+    assert worst["stage1_one_off_s"] == pytest.approx(7.0)
+    assert worst["model_fixed_s"] == pytest.approx(10.0)
+    mean = check_gpu.stage_costs(GRID, stage1, stage2, statistics.mean)
+    assert mean["epoch_extra_s"] == pytest.approx(0.275) and mean["trial_overhead_s"] == pytest.approx(3.0)
+
+
+def test_the_projection_counts_each_configurations_steps_and_bounds_with_the_costliest():
+    import bench
+
+    assert check_gpu.GRID_KEYS == bench.GRID_KEYS  # the grid's rows and the stages' configurations meet on these
+    stage1, stage2 = stages()
+    plan = check_gpu.project(GRID, stage1, stage2)
+    assert plan["step_ratios"] == pytest.approx([1.0, 1.1, 1.0])  # trial 1's steps ran 10 % over the grid's
+    b, e = plan["bound"], plan["estimate"]
+    assert b["step_scale"] == pytest.approx(1.1) and e["step_scale"] == pytest.approx(1.0)
+    # a trial: overhead, setup, warm-up, 20 x (steps of 9,000 images, validation, checkpoint, extras)
+    slow_trial = 4.0 + 2.0 + 5.0 + 20 * (140 * 1.1 * 0.06 + 3.0 + 0.2 + 0.3)
+    assert b["trial_s"] == pytest.approx(slow_trial)
+    assert b["stage1_s"] == pytest.approx(7.0 + 40 * slow_trial)  # every trial pays its overhead
+    # a model: its own, setup, warm-up, 120 x (steps of 45,000, validation, 2 checkpoints, extras), the test
+    slow_model = 10.0 + 2.0 + 5.0 + 120 * (703 * 1.1 * 0.06 + 3.0 + 2 * 0.2 + 0.3) + 2 * 3.0
+    assert b["model_s"] == pytest.approx(slow_model) and b["stage2_s"] == pytest.approx(3 * slow_model)
+    assert "patch 2, width 192" in b["stage1_configs"] and "patch 2, width 192" in b["stage2_configs"]
+    # the estimate: stage 1 evenly over the configurations, stage 2 the seed's, the grid's mean steps
+    costs = check_gpu.stage_costs(GRID, stage1, stage2, statistics.mean)
+    assert e["trial_s"] == pytest.approx(statistics.mean(check_gpu.trial_s(r, statistics.mean(r["step_s"]), costs)
+                                                         for r in GRID["configs"]))
+    seed_model = costs["model_fixed_s"] + 1.0 + 2.0 + 120 * (351 * 0.011 + 0.5 + 2 * 0.1 + 0.275) + 2 * 0.5
+    assert e["model_s"] == pytest.approx(seed_model) and "the seed's" in e["stage2_configs"]
+    for plan_kind in (b, e):
+        assert plan_kind["total_s"] == pytest.approx(plan_kind["stage1_s"] + plan_kind["stage2_s"])
+    assert b["total_s"] > e["total_s"] and plan["upper_bound"] == "bound"
+    assert "bound" not in check_gpu.project({"configs": []}, stage1, stage2)
+
+
+def test_without_the_studys_storage_the_stages_time_outside_the_epochs_counts_once_per_trial_and_once_more():
+    stage1, stage2 = stages()
+    for t in stage1["trials"]:
+        del t["started_s"], t["ended_s"]
+    costs = check_gpu.stage_costs(GRID, stage1, stage2, max)
+    outside = stage1["wall_s"] - sum(t["train_time_s"] for t in stage1["trials"]) - SMALL["setup_s"] - SEED["setup_s"]
+    assert costs["trial_overhead_s"] == pytest.approx(outside / 2) and costs["stage1_one_off_s"] == pytest.approx(outside)
+
+
+def travelling_tree() -> int:
+    """Bytes of what a device call sends besides the carried paths: tracked and untracked-not-ignored files
+    (and a shared/ folder inside the checkout, where there is one)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.split(b"\0")
+    paths = {os.path.join(ROOT, os.fsdecode(p)) for p in listed if p}
+    for folder, _, names in os.walk(os.path.join(ROOT, "shared")):
+        paths.update(os.path.join(folder, n) for n in names)
+    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p) and not os.path.islink(p))
+
+
+@needs_jpeg_copy
+def test_the_documented_device_call_carries_at_most_56_mib(tmp_path):
+    """The call as the docstring prescribes it: the tree, and .devdata/check holding the wheels and the subset."""
+    doc = " ".join(check_gpu.__doc__.replace("\\\n", " ").split())
+    assert 'carry [".devdata/check"]' in doc and "cp ../shared/device-wheels/*.whl .devdata/check/" in doc
+    assert "--make-data ../shared/data/cifar10-jpeg.npz .devdata/check/cifar10-check.npz" in doc
+    assert ("python3 -m pip install -q --no-index --no-deps --target /tmp/site .devdata/check/*.whl && export "
+            "PYTHONPATH=/tmp/site && python3 check_gpu.py --data-npz .devdata/check/cifar10-check.npz --data-dir "
+            '/tmp/data --out "$OUT" --pack') in doc
+    subset = tmp_path / "cifar10-check.npz"
+    check_gpu.make_check_data(JPEG_NPZ, str(subset))
+    tree, carried = travelling_tree(), subset.stat().st_size + sum(os.path.getsize(w) for w in WHEELS)
+    total = (tree + carried) / 2**20
+    assert total <= 56 and 64 - total >= 8, (f"{total:.1f} MiB would travel (tree {tree / 2**20:.1f}, subset "
+                                             f"{subset.stat().st_size / 2**20:.1f}, wheels "
+                                             f"{(carried - subset.stat().st_size) / 2**20:.1f})")
+
+
+@needs_jpeg_copy
+@needs_real_data
+def test_the_subset_rebuilds_stage_1s_images_the_split_and_the_test_set_as_cifar_10s_own(tmp_path):
+    import torch
+
+    from data import load_cifar10, split_indices
+
+    made = check_gpu.make_check_data(JPEG_NPZ, str(tmp_path / "subset.npz"))
+    assert (made["train_slots"], made["train_kept"], made["proxy"], made["val"], made["test"]) == (
+        50000, 14000, 9000, 5000, 10000)
+    note = check_gpu.rebuild_check_data(str(tmp_path / "subset.npz"), str(tmp_path / "data"))
+    assert note["stage2_train"] == 45000 and note["stage2_train_distinct"] == 9000
+    assert note["stage1_proxy"] == note["stage1_proxy_distinct"] == 9000
+    assert note["val"] == note["val_distinct"] == 5000 and note["val_shared_with_training"] == 0
+    ours, real = load_cifar10(str(tmp_path / "data"), download=False), load_cifar10(REAL_DATA, download=False)
+    assert torch.equal(ours.train_labels, real.train_labels)  # so both stages draw the same split from it
+    assert torch.equal(ours.test_images, real.test_images) and torch.equal(ours.test_labels, real.test_labels)
+    proxy, _ = split_indices(real.train_labels, subset_ratio=0.2)
+    _, val = split_indices(real.train_labels)
+    for idx in (proxy, val):
+        assert torch.equal(ours.train_images[idx], real.train_images[idx])
+    assert json.loads((tmp_path / "data" / check_gpu.SUBSET_NOTE).read_text()) == note
+    check_gpu.rebuild_check_data(str(tmp_path / "subset.npz"), str(tmp_path / "data"))  # its own: done again
+
+
+def test_a_cifar_folder_of_another_origin_is_not_overwritten_by_a_rebuild(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    with pytest.raises(check_gpu.CheckError, match="did not write"):
+        check_gpu.rebuild_check_data(str(tmp_path / "none.npz"), str(tmp_path))
+    assert os.listdir(tmp_path) == ["cifar-10-batches-py"]
 
 
 def test_pack_keeps_everything_but_the_checkpoints(tmp_path):
