@@ -44,7 +44,7 @@ import torch
 
 from augment import train_transform
 from data import AUGMENT_CHUNK, DataError, load_cifar10, loss_fn
-from train import (AMP_MODES, FUSED_ADAMW_DEVICES, TrainConfig, Trainer, evaluate, make_optimizer, pick_device,
+from train import (AMP_MODES, FUSED_DEVICES, TrainConfig, Trainer, evaluate, make_optimizer, pick_device,
                    resolve_amp)
 from vit import ViT, count_flops
 
@@ -214,7 +214,7 @@ def step_settings(device, amp: str = "auto") -> dict:
     steps and both end-to-end sides take both (timm's step the precision only, its AdamW as a user
     sets it up), so that the end-to-end ratio measures the data pipelines alone and MFU the
     precision training really runs in."""
-    return {"amp_dtype": resolve_amp(device, amp), "fused": device.type in FUSED_ADAMW_DEVICES}
+    return {"amp_dtype": resolve_amp(device, amp), "fused": device.type in FUSED_DEVICES}
 
 
 def autocast(device, amp_dtype):

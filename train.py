@@ -255,8 +255,8 @@ class RunRandom:
 
     device: on the training device (shuffling, crops, flips, random erasing, drop-path, the mixing
     partners); host: a CPU generator (RandAugment's op choices: host-side, so a GPU never syncs for
-    them); python: the mixing's per-batch draws (whether and how to mix, lambda, CutMix's box). On a CPU run device and host are two generators of the same
-    kind, seeded apart. (The model's init has a generator of its own, used once.)
+    them); python: the mixing's per-batch draws (whether and how to mix, lambda, CutMix's box). On a
+    CPU run device and host are two generators of the same kind, seeded apart. (The model's init has a generator of its own, used once.)
     """
 
     def __init__(self, seed: int, device: torch.device):
@@ -285,7 +285,7 @@ def _as_tuples(x):
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # where torch >= 2.4 has fused kernels, for SGD as for AdamW
+FUSED_DEVICES = ("cuda", "cpu")  # where torch >= 2.4 has fused kernels, for SGD as for AdamW
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
@@ -471,7 +471,7 @@ class Trainer:
         # Fused AdamW: one kernel instead of ~10 per tensor (CPU: 1.1 ms instead of 4-5 ms a step for
         # the seed's best shape). Fused SGD likewise, and under fp16 it takes GradScaler's inf check as a
         # tensor: an unfused step reads it on the host, a GPU sync every step.
-        fused = device.type in FUSED_ADAMW_DEVICES if fused is None else fused
+        fused = device.type in FUSED_DEVICES if fused is None else fused
         if device.type == "cpu":
             keep_freed_memory()
         self.random = RunRandom(cfg.seed, device)

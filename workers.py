@@ -52,13 +52,18 @@ def redact_url(url: str) -> str:
 
 
 def storage_error(url: str, e: Exception) -> StorageError:
+    return StorageError(f"cannot open Optuna storage {redact_url(url)!r}: {driver_line(url, e)}")
+
+
+def driver_line(url: str, e: Exception) -> str:
+    """A storage error's type and first line, with `url`'s password shown as *** wherever the driver quotes it."""
     first_line = (str(e).splitlines() or [""])[0]  # drivers add pages of SQL and links below it
     if "://" in url:  # drivers may quote the URL, password included
         first_line = first_line.replace(url, redact_url(url))
         password = re.match(r"[^:]+://[^/@:]*:([^/@]*)@", url)
         if password and password.group(1):
             first_line = first_line.replace(password.group(1), "***")
-    return StorageError(f"cannot open Optuna storage {redact_url(url)!r}: {type(e).__name__}: {first_line}")
+    return f"{type(e).__name__}: {first_line}"
 
 
 def storage_file(url: str) -> str | None:
@@ -176,8 +181,8 @@ def storage_lost_in_one_line(url: str, work, *args):
         if cause is None:
             raise
         raise StorageError(f"lost the Optuna storage {redact_url(url)!r} for more than {RECONNECT_S} s "
-                           f"({storage_error(url, cause.orig or cause).args[0].split(': ', 1)[-1]}); the trials "
-                           f"told to it so far are kept: run the same command once it is back") from None
+                           f"({driver_line(url, cause.orig or cause)}); the trials told to it so far are kept: run "
+                           f"the same command once it is back") from None
 
 
 def _chain(e: BaseException):
