@@ -1,15 +1,11 @@
 """Batched CIFAR-10 augmentation on uint8 tensors, on whatever device the batch lives (CPU or CUDA).
 
-Reproduces torchvision's RandomCrop(padding=4) + RandomHorizontalFlip and RandAugment (tensor backend,
-NEAREST interpolation, zero fill) pixel for pixel (the tests compare against torchvision op by op), but every
-image draws its own random parameters and the batch is handled by a few vectorised ops: no PIL and no Python
-loop over samples, so that augmentation does not starve training on a few CPU cores.
-
-All randomness comes from the generator arguments, drawn with a few batched calls, so seeded generators
-reproduce a batch exactly: `generator` (on the batch's device; None: torch's global RNG there) for the crops,
-flips and anything per pixel, and `host_generator` (a CPU generator; None: torch's global CPU RNG) for
-RandAugment's choice of ops and signs. Those choices decide how the batch is split into per-op chunks; drawn on
-the host, the split needs no device-to-host copy, so a GPU never waits for the CPU to learn it.
+Reproduces torchvision's RandomCrop(padding=4) + RandomHorizontalFlip and RandAugment (tensor backend, NEAREST
+interpolation, zero fill) pixel for pixel (the tests compare op by op), but each image draws its own parameters
+and the batch goes through a few vectorised ops: no PIL, no Python loop over samples, so that augmentation does
+not starve training on a few CPU cores. Seeded generators reproduce a batch exactly: `generator` (on the batch's
+device; None: torch's global RNG) for crops, flips and anything per pixel, `host_generator` (CPU) for
+RandAugment's ops and signs, which split the batch into per-op chunks: drawn on the host, a GPU never syncs.
 """
 
 import math
@@ -20,6 +16,8 @@ import torch.nn.functional as F
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+ERASE_ATTEMPTS = 10  # timm's RandomErasing tries this many boxes per image and erases the first that fits
+ERASE_AREA, ERASE_ASPECT = (0.02, 1 / 3), (0.3, 3.3)  # timm's default box area (shares of the image) and h / w
 
 # RandAugment's ops in torchvision's order; an op's position is its id. Ids 1..5 are the geometric ops, so a batch
 # sorted by op id holds them in one contiguous chunk that a single gather resamples.
@@ -40,8 +38,7 @@ def _check_batch(x: torch.Tensor) -> None:
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, padding: int = 4) -> torch.Tensor:
     """Per sample: RandomCrop((H, W), padding, zero fill) then RandomHorizontalFlip(p=0.5); uint8 in and out."""
     _check_batch(x)
-    b, c, h, w = x.shape
-    dev = x.device
+    (b, c, h, w), dev = x.shape, x.device
     # Top-left corner of each crop window in the padded image, as torchvision's RandomCrop draws it.
     corner = torch.randint(2 * padding + 1, (2, b, 1, 1), generator=generator, device=dev)
     flip = torch.randint(2, (b,), generator=generator, device=dev)
@@ -58,26 +55,15 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, 
 
 
 @lru_cache(maxsize=None)
-def _magnitudes(magnitude: int, num_bins: int, height: int, width: int) -> tuple[float, ...]:
+def _magnitudes(magnitude: int, height: int, width: int) -> tuple[float, ...]:
     """Each op's unsigned magnitude, built like RandAugment._augmentation_space (float32 tables, then float()),
-    so that the rounding of e.g. 0.27 or 4.35 is the same as torchvision's."""
-    tables = (
-        torch.tensor(0.0),
-        torch.linspace(0.0, 0.3, num_bins),
-        torch.linspace(0.0, 0.3, num_bins),
-        torch.linspace(0.0, 150.0 / 331.0 * width, num_bins),
-        torch.linspace(0.0, 150.0 / 331.0 * height, num_bins),
-        torch.linspace(0.0, 30.0, num_bins),
-        torch.linspace(0.0, 0.9, num_bins),
-        torch.linspace(0.0, 0.9, num_bins),
-        torch.linspace(0.0, 0.9, num_bins),
-        torch.linspace(0.0, 0.9, num_bins),
-        8 - (torch.arange(num_bins) / ((num_bins - 1) / 4)).round().int(),
-        torch.linspace(255.0, 0.0, num_bins),
-        torch.tensor(0.0),
-        torch.tensor(0.0),
-    )
-    return tuple(float(t[magnitude].item()) if t.ndim > 0 else 0.0 for t in tables)
+    so that the rounding of e.g. 0.27 or 4.35 is the same as torchvision's. Identity, AutoContrast, Equalize: 0."""
+    bins = MAGNITUDE_BINS
+    tables = (None, torch.linspace(0.0, 0.3, bins), torch.linspace(0.0, 0.3, bins),
+              torch.linspace(0.0, 150.0 / 331.0 * width, bins), torch.linspace(0.0, 150.0 / 331.0 * height, bins),
+              torch.linspace(0.0, 30.0, bins), *[torch.linspace(0.0, 0.9, bins)] * 4,
+              8 - (torch.arange(bins) / ((bins - 1) / 4)).round().int(), torch.linspace(255.0, 0.0, bins), None, None)
+    return tuple(0.0 if t is None else float(t[magnitude].item()) for t in tables)
 
 
 def _geometric_op(img: torch.Tensor, name: str, magnitude: float) -> torch.Tensor:
@@ -88,31 +74,24 @@ def _geometric_op(img: torch.Tensor, name: str, magnitude: float) -> torch.Tenso
     from torchvision.transforms import InterpolationMode
 
     nearest = InterpolationMode.NEAREST
-    if name == "ShearX":
-        shear = [math.degrees(math.atan(magnitude)), 0.0]
-        return TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=nearest, fill=None, center=[0, 0])
-    if name == "ShearY":
-        shear = [0.0, math.degrees(math.atan(magnitude))]
-        return TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=nearest, fill=None, center=[0, 0])
-    if name == "TranslateX":
-        return TF.affine(img, angle=0.0, translate=[int(magnitude), 0], scale=1.0, shear=[0.0, 0.0], interpolation=nearest, fill=None)
-    if name == "TranslateY":
-        return TF.affine(img, angle=0.0, translate=[0, int(magnitude)], scale=1.0, shear=[0.0, 0.0], interpolation=nearest, fill=None)
     if name == "Rotate":
         return TF.rotate(img, magnitude, interpolation=nearest, fill=None)
-    raise ValueError(f"{name} is not a geometric op")
+    if name in ("ShearX", "ShearY"):
+        angle = math.degrees(math.atan(magnitude))
+        shear = [angle, 0.0] if name == "ShearX" else [0.0, angle]
+        return TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=nearest, fill=None,
+                         center=[0, 0])
+    translate = [int(magnitude), 0] if name == "TranslateX" else [0, int(magnitude)]
+    return TF.affine(img, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], interpolation=nearest, fill=None)
 
 
 @lru_cache(maxsize=None)
-def _geometric_maps(height: int, width: int, device: torch.device, magnitude: int, num_bins: int) -> torch.Tensor:
+def _geometric_maps(height: int, width: int, device: torch.device, magnitude: int) -> torch.Tensor:
     """long (5 geometric ops x 2 signs [+, -], H*W): for each output pixel, 1 + the flat index of its source pixel,
-    or 0 where the source lies outside the image (zero fill).
-
-    The magnitudes are fixed, so each op and sign is one fixed nearest-neighbour map. Running torchvision itself
-    on an image whose pixels hold 1 + their flat index (0 is what its zero padding reads) yields that map with
-    torchvision's exact grid and rounding, on this device.
-    """
-    mags = _magnitudes(magnitude, num_bins, height, width)
+    or 0 where the source lies outside the image (zero fill). With fixed magnitudes each op and sign is one fixed
+    nearest-neighbour map: torchvision itself, run on an image whose pixels hold 1 + their flat index (0 is what its
+    zero padding reads), yields it with torchvision's exact grid and rounding, on this device."""
+    mags = _magnitudes(magnitude, height, width)
     ids = torch.arange(1, height * width + 1, dtype=torch.float32, device=device).view(1, 1, height, width)
     maps = [_geometric_op(ids, OP_NAMES[op], sign * mags[op]) for op in _GEOMETRIC for sign in (1.0, -1.0)]
     return torch.cat(maps).long().view(2 * len(_GEOMETRIC), height * width)
@@ -130,10 +109,7 @@ def _blend_factors(mags: tuple[float, ...], device: torch.device) -> torch.Tenso
     """float32 (4 blend ops, 2 signs [+, -], 2, 1, 1, 1): torchvision's blend ratio 1.0 + m and its complement
     1.0 - ratio, formed in float64 as there and only then rounded to float32, so that the blends round identically.
     The trailing singleton dims broadcast over (C, H, W)."""
-    factors = []
-    for op in _BLEND_OPS:
-        ratios = (1.0 + mags[op], 1.0 + -mags[op])
-        factors.append([[r, 1.0 - r] for r in ratios])
+    factors = [[[r, 1.0 - r] for r in (1.0 + mags[op], 1.0 + -mags[op])] for op in _BLEND_OPS]
     return torch.tensor(factors, dtype=torch.float32, device=device).view(len(_BLEND_OPS), 2, 2, 1, 1, 1)
 
 
@@ -177,21 +153,17 @@ def _sharpness(img: torch.Tensor, ratio: torch.Tensor, complement: torch.Tensor)
 
 
 def _autocontrast(img: torch.Tensor) -> torch.Tensor:
-    lo = img.amin(dim=(2, 3), keepdim=True).float()
-    hi = img.amax(dim=(2, 3), keepdim=True).float()
-    scale = 255.0 / (hi - lo)
+    lo, hi = img.amin(dim=(2, 3), keepdim=True).float(), img.amax(dim=(2, 3), keepdim=True).float()
     flat = hi == lo  # constant channel: torchvision's infinite scale falls back to the identity
+    scale = (255.0 / (hi - lo)).masked_fill(flat, 1.0)
     lo = lo.masked_fill(flat, 0.0)
-    scale = scale.masked_fill(flat, 1.0)
     return _to_uint8((img - lo).mul_(scale))
 
 
 def _equalize(img: torch.Tensor) -> torch.Tensor:
-    """torchvision's per-channel _scale_channel, for all images and channels at once.
-
-    Counts are integers below H*W, exact in float32 (for H*W < 2**24), and so are the floors of their quotients;
-    float32 is used because int64 division is not vectorised on CPU.
-    """
+    """torchvision's per-channel _scale_channel, for all images and channels at once. Counts are integers below
+    H*W, exact in float32 (for H*W < 2**24), as are the floors of their quotients; int64 division is not
+    vectorised on CPU."""
     n, c, h, w = img.shape
     pixels = img.reshape(n * c, h * w).long()
     hist = torch.zeros(n * c, 256, device=img.device)
@@ -229,20 +201,12 @@ def _colour_op(img: torch.Tensor, op: int, neg: torch.Tensor, mags: tuple[float,
     return _equalize(img)
 
 
-def _apply_ops(
-    x: torch.Tensor,
-    op_idx: torch.Tensor,
-    negate: torch.Tensor,
-    magnitude: int = 9,
-    num_magnitude_bins: int = MAGNITUDE_BINS,
-) -> torch.Tensor:
+def _apply_ops(x: torch.Tensor, op_idx: torch.Tensor, negate: torch.Tensor, magnitude: int = 9) -> torch.Tensor:
     """Apply op OP_NAMES[op_idx[i]] to image i, with its magnitude negated where negate[i] (signed ops only).
-
     x: uint8 (B, 3, H, W); op_idx: long (B,); negate: bool or 0/1 (B,). Same result as torchvision's
-    autoaugment._apply_op(x[i], name, +-magnitude, NEAREST, fill=None) for each i.
-    """
+    autoaugment._apply_op(x[i], name, +-magnitude, NEAREST, fill=None) for each i."""
     _, _, h, w = x.shape
-    mags = _magnitudes(magnitude, num_magnitude_bins, h, w)
+    mags = _magnitudes(magnitude, h, w)
     # Sorting by op id makes each op's samples one contiguous chunk. The sort and the chunk bounds are worked out
     # where op_idx lives: on the host (how rand_augment draws it) they cost the device nothing, not even a sync.
     # The geometric ops (ids 1..5) share one chunk. A stable sort, so that the order is the same on every device.
@@ -251,29 +215,21 @@ def _apply_ops(
     ops, neg = op_idx[order].to(x.device, non_blocking=True), negate[order].long().to(x.device, non_blocking=True)
     order = order.to(x.device, non_blocking=True)
     xs = x.index_select(0, order)  # index_select and not x[order]: it is ~10x faster on CPU
-
     start, end = bounds[_GEOMETRIC.start], bounds[_GEOMETRIC.stop]
     if end > start:
-        maps = _geometric_maps(h, w, x.device, magnitude, num_magnitude_bins)
+        maps = _geometric_maps(h, w, x.device, magnitude)
         which = (ops[start:end] - _GEOMETRIC.start) * 2 + neg[start:end]
         xs[start:end] = _remap(xs[start:end], maps.index_select(0, which))
-
     for op in range(_GEOMETRIC.stop, len(OP_NAMES)):
         start, end = bounds[op], bounds[op + 1]
         if end > start:
             xs[start:end] = _colour_op(xs[start:end], op, neg[start:end], mags)
-
     return xs.index_select(0, torch.argsort(order))  # undo the sort
 
 
-def rand_augment(
-    x: torch.Tensor,
-    host_generator: torch.Generator | None = None,
-    num_ops: int = 2,
-    magnitude: int = 9,
-    num_magnitude_bins: int = MAGNITUDE_BINS,
-) -> torch.Tensor:
-    """torchvision's RandAugment(num_ops, magnitude, num_magnitude_bins) with NEAREST interpolation and zero fill,
+def rand_augment(x: torch.Tensor, host_generator: torch.Generator | None = None, num_ops: int = 2,
+                 magnitude: int = 9) -> torch.Tensor:
+    """torchvision's RandAugment(num_ops, magnitude, MAGNITUDE_BINS) with NEAREST interpolation and zero fill,
     except that each image draws its own ops (uniform over the 14, with replacement) and signs, from
     host_generator (a CPU generator) whatever the batch's device."""
     _check_batch(x)
@@ -281,45 +237,34 @@ def rand_augment(
     op_idx = torch.randint(len(OP_NAMES), shape, generator=host_generator)
     negate = torch.randint(2, shape, generator=host_generator)
     for k in range(num_ops):
-        x = _apply_ops(x, op_idx[k], negate[k], magnitude, num_magnitude_bins)
+        x = _apply_ops(x, op_idx[k], negate[k], magnitude)
     return x
 
 
 @lru_cache(maxsize=None)
-def _normalize_coefficients(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
-    return torch.stack([1.0 / (255.0 * std_t), -mean_t / std_t])
+def _normalize_coefficients(device: torch.device) -> torch.Tensor:
+    mean = torch.tensor(CIFAR10_MEAN, dtype=torch.float32, device=device).view(-1, 1, 1)
+    std = torch.tensor(CIFAR10_STD, dtype=torch.float32, device=device).view(-1, 1, 1)
+    return torch.stack([1.0 / (255.0 * std), -mean / std])
 
 
-def normalize(x: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 (x / 255 - mean) / std per channel."""
-    scale, shift = _normalize_coefficients(tuple(map(float, mean)), tuple(map(float, std)), x.device)
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std per channel, CIFAR-10's mean and std."""
+    scale, shift = _normalize_coefficients(x.device)
     # One in-place multiply-add instead of three passes over the batch (differs from the formula by float rounding).
     return x.float().mul_(scale).add_(shift)
 
 
-ERASE_ATTEMPTS = 10  # timm's RandomErasing tries this many boxes per image and erases the first that fits
-
-
-def random_erasing(
-    x: torch.Tensor, probability: float, area: tuple[float, float] = (0.02, 1 / 3),
-    aspect: tuple[float, float] = (0.3, 3.3), generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """timm's RandomErasing(probability, min_area, max_area, min_aspect, max_aspect, mode="pixel") on a
-    normalised float batch (B, C, H, W), each image with its own draws.
-
-    Per image, with the given probability: up to ERASE_ATTEMPTS boxes, each of area uniform in `area`
-    (shares of the image) and aspect h / w log-uniform in `aspect`, sides rounded; the first that fits
-    inside the image is filled with N(0, 1) noise per pixel and channel (the normalised image's scale),
-    at a uniformly drawn position. An image none of whose attempts fits is left alone, as in timm.
-
-    timm's own class loops over images in Python and draws from Python's global RNG; this draws every
-    attempt of the batch at once from `generator` (on x's device) and erases by one masked select, so a
-    GPU neither syncs nor launches per image, and a run's seed reproduces it.
-    """
-    b, c, h, w = x.shape
-    dev = x.device
+def random_erasing(x: torch.Tensor, probability: float, area: tuple[float, float] = ERASE_AREA,
+                   aspect: tuple[float, float] = ERASE_ASPECT,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """timm's RandomErasing(probability, min_area, max_area, min_aspect, max_aspect, mode="pixel") on a normalised
+    float batch (B, C, H, W). Per image, with the given probability: up to ERASE_ATTEMPTS boxes of area uniform in
+    `area` (shares of the image) and aspect h / w log-uniform in `aspect`, sides rounded; the first that fits is
+    filled with N(0, 1) noise (the normalised image's scale) at a uniform position; none fits: left alone, as in
+    timm. timm loops over images drawing from Python's global RNG; this draws the whole batch's attempts at once
+    from `generator` (on x's device) and erases by one masked select: a GPU neither syncs nor launches per image."""
+    (b, _, h, w), dev = x.shape, x.device
     u = torch.rand(5, b, ERASE_ATTEMPTS, device=dev, generator=generator)
     target = (area[0] + (area[1] - area[0]) * u[0]) * (h * w)
     log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
@@ -332,8 +277,7 @@ def random_erasing(
     top = (u[2].gather(1, first) * (h - eh + 1)).floor()
     left = (u[3].gather(1, first) * (w - ew + 1)).floor()
     erase = (u[4, :, :1] < probability) & fits.any(dim=1, keepdim=True)  # (B, 1)
-    rows = torch.arange(h, device=dev)
-    cols = torch.arange(w, device=dev)
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
     in_rows = (rows >= top) & (rows < top + eh) & erase  # (B, H)
     in_cols = (cols >= left) & (cols < left + ew)  # (B, W)
     mask = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)  # (B, 1, H, W), broadcast over channels
@@ -341,14 +285,12 @@ def random_erasing(
     return torch.where(mask, noise, x)
 
 
-def train_transform(
-    x_uint8: torch.Tensor, generator: torch.Generator | None = None, num_ops: int = 2, magnitude: int = 9,
-    host_generator: torch.Generator | None = None, erase_prob: float = 0.0,
-    erase_area: tuple[float, float] = (0.02, 1 / 3), erase_aspect: tuple[float, float] = (0.3, 3.3),
-) -> torch.Tensor:
+def train_transform(x_uint8: torch.Tensor, generator: torch.Generator | None = None, num_ops: int = 2,
+                    magnitude: int = 9, host_generator: torch.Generator | None = None, erase_prob: float = 0.0,
+                    erase_area: tuple[float, float] = ERASE_AREA,
+                    erase_aspect: tuple[float, float] = ERASE_ASPECT) -> torch.Tensor:
     """Crop + flip, RandAugment(num_ops, magnitude), normalize, random erasing: uint8 (B, 3, H, W) -> float32.
-    num_ops 0 leaves crop and flip alone; erase_prob 0 erases nothing (and draws nothing).
-    generator: on x's device; host_generator: on the CPU."""
+    num_ops 0 leaves crop and flip alone; erase_prob 0 erases nothing (and draws nothing)."""
     x = random_crop_flip(x_uint8, generator)
     if num_ops > 0:
         x = rand_augment(x, host_generator, num_ops=num_ops, magnitude=magnitude)
@@ -358,6 +300,4 @@ def train_transform(
     return x
 
 
-def eval_transform(x_uint8: torch.Tensor) -> torch.Tensor:
-    """Normalize only: uint8 (B, 3, H, W) -> float32."""
-    return normalize(x_uint8)
+eval_transform = normalize  # evaluation's transform: normalisation only

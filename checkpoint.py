@@ -1,9 +1,9 @@
 """Checkpoints, for every script alike: written whole, loaded safely, checked before a run resumes.
 
-A checkpoint is Trainer.state_dict() (model, optimizer, scheduler, epoch, history, early stopping,
-random generators, loss scaler) or an exported model file (evaluate.py --export: the model and its
-configuration alone). Loading never runs pickled code (weights_only=True), and a file that is not a
-checkpoint, is truncated or carries code is refused in one line (DataError).
+A checkpoint is Trainer.state_dict() (model, optimizer, scheduler, epoch, history, early stopping, random
+generators, loss scaler) or an exported model file (evaluate.py --export: the model and its configuration alone).
+Loading never runs pickled code (weights_only=True); a file that is not a checkpoint, is truncated or carries code
+is refused in one line (DataError).
 """
 
 import io
@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from data import DataError
-from report import write_bytes
+from reports import write_bytes
 from train import with_defaults
 
 # What a folder stands for, in this order: training's own checkpoint, else an exported model file.
@@ -46,10 +46,9 @@ def checkpoint_file(path: str) -> str:
                     f"(a stage-1 trial keeps last.pt)")
 
 
-def load_checkpoint(path: str, device="cpu") -> dict:
-    """A checkpoint written by Trainer.state_dict() (or by export_model), loaded without executing any pickled code.
-
-    A run folder stands for its best.pt (see checkpoint_file)."""
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by Trainer.state_dict() (or by export_model), loaded on the CPU without executing any
+    pickled code. A run folder stands for its best.pt (see checkpoint_file)."""
     path = checkpoint_file(path)
     if not os.path.isfile(path):
         raise DataError(f"no checkpoint at {path}")
@@ -62,7 +61,7 @@ def load_checkpoint(path: str, device="cpu") -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols before refusing them
-            state = torch.load(path, map_location=device, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's safe loader stops at the first thing that is not tensors or plain data: a class or
         # function (how a pickle runs code) or an opcode it does not allow. Its own message suggests
@@ -83,21 +82,19 @@ def load_checkpoint(path: str, device="cpu") -> dict:
     return state
 
 
-def load_into(trainer, path: str, again: str, other_config=None):
+def load_into(trainer, path: str, again: str):
     """Load the checkpoint at `path` into `trainer` to continue its run, or raise a DataError that says why
-    it cannot be continued and what to do (`again`). other_config() makes the error for a checkpoint of
-    another configuration (default: a DataError of its own)."""
+    it cannot be continued and what to do (`again`)."""
     state = load_checkpoint(path)  # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
+    older = f"{path} comes from an older, incompatible version of this code"
     missing = sorted(RESUME_KEYS - state.keys())
     if missing:
-        raise DataError(f"{path} comes from an older, incompatible version of this code (no {', '.join(missing)}); "
-                        f"{again}")
+        raise DataError(f"{older} (no {', '.join(missing)}); {again}")
     expected = trainer.cfg.to_dict()
     if not isinstance(state["config"], dict) or with_defaults(state["config"]).keys() != expected.keys():
-        raise DataError(f"{path} comes from an older, incompatible version of this code (its configuration has "
-                        f"other keys); {again}")
+        raise DataError(f"{older} (its configuration has other keys); {again}")
     if with_defaults(state["config"]) != expected:
-        raise other_config() if other_config else DataError(f"{path} was trained with another configuration; {again}")
+        raise DataError(f"{path} was trained with another configuration; {again}")
     try:
         trainer.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:

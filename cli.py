@@ -1,10 +1,9 @@
-"""What the command-line scripts share: one-line usage errors, the flags every script has, --time-limit
-and its exit code, the results folder's writability check, the one --device resolver, and the one
-`run_main` that turns the project's errors into one line and an exit code.
+"""What the command-line scripts share: one-line usage errors, the common flags, --time-limit, the results
+folder's writability check, the --device resolver, and `run_main`, which turns the project's errors into one
+line and an exit code.
 
-A run cut by --time-limit ends with EXIT_TIME_LIMIT (75, sysexits' EX_TEMPFAIL: "try again later"),
-so that a job script can tell it from a finished run (0), a failed one (1), a usage error (2),
-Ctrl-C (130) and SIGTERM (143), and start the same command again:
+A run cut by --time-limit ends with EXIT_TIME_LIMIT (75, sysexits' EX_TEMPFAIL: "try again later"), so that a
+job script tells it from a finished run (0), a failed one (1), a usage error (2), Ctrl-C (130) and SIGTERM (143):
 
     python stage2_final.py --time-limit 2h40m ...; [ $? -eq 75 ] && echo "not finished: run it again"
 """
@@ -64,13 +63,21 @@ TIME_LIMIT_HELP = ("stop at the end of the last epoch that fits in this wall tim
                    "continues (default: no limit)")
 
 
-def add_time_limit(parser: argparse.ArgumentParser):
+def add_worker_flags(parser: argparse.ArgumentParser, what: str):
+    """--jobs, --heartbeat and --time-limit: how a stage's workers run its study's trials (`what` each trains)."""
+    parser.add_argument("--jobs", type=positive(int), default=1,
+                        help=f"worker processes on this machine, each training one {what} at a time and sharing the "
+                             f"study's storage as workers on several machines do; with several GPUs, worker i takes "
+                             f"GPU i mod their number; on a CPU each gets cores/N threads (default: 1)")
+    parser.add_argument("--heartbeat", type=positive(int), default=60,
+                        help=f"seconds between a running {what}'s heartbeats in an RDB storage; one silent for 2 "
+                             f"intervals (its worker killed, its machine gone) is failed by the next worker to start "
+                             f"one and retried from its last checkpoint (default: 60)")
     parser.add_argument("--time-limit", type=duration, default=None, metavar="DURATION", help=TIME_LIMIT_HELP)
 
 
 def continue_command(script: str, argv: list | None, redact=lambda arg: arg) -> str:
-    """The command line that continues this run: the same one, each argument passed through
-    `redact` so that no password reaches a log."""
+    """The command line that continues this run: the same one, passed through `redact` so no password reaches a log."""
     args = sys.argv[1:] if argv is None else list(argv)
     return shlex.join(["python", script, *(redact(a) for a in args)])
 
@@ -78,12 +85,12 @@ def continue_command(script: str, argv: list | None, redact=lambda arg: arg) -> 
 def clock(seconds: float, precise: bool = False) -> str:
     """A duration for an ETA: '2 h 05 min', or '7 min' under an hour; precise (a measured step's wall
     time): '7 min 05 s' under an hour and '45 s' under a minute."""
-    if not precise:
-        return (f"{seconds // 3600:.0f} h {seconds % 3600 // 60:02.0f} min" if seconds >= 3600
-                else f"{seconds / 60:.0f} min")
-    seconds = round(seconds)
+    if precise:
+        seconds = round(seconds)
     if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+        return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:02.0f} min"
+    if not precise:
+        return f"{seconds / 60:.0f} min"
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
@@ -103,22 +110,26 @@ def add_common_flags(parser: argparse.ArgumentParser, results_help: str | None =
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
-def default_storage(args):
-    if args.storage is None:
-        args.storage = f"sqlite:///{os.path.join(args.results, 'stage1.db')}"
+def storage_url(storage: str | None, results: str) -> str:
+    """--storage, or by default the SQLite file both stages share in the results folder."""
+    return storage or f"sqlite:///{os.path.join(results, 'stage1.db')}"
 
 
-def check_positive(parser: argparse.ArgumentParser, args, names):
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+def positive(kind, at_most: float | None = None):
+    """argparse's type for a number above 0 (and at most `at_most`): the usage error names the flag and the value."""
+    def parse(text: str):
+        value = kind(text)  # a ValueError is argparse's own "invalid int value" line
+        if value <= 0 or (at_most is not None and value > at_most):
+            raise argparse.ArgumentTypeError(f"must be in (0, {at_most:g}], got {value}" if at_most is not None
+                                             else f"must be positive, got {value}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def epoch_line(name: str, record: dict, history: list, epochs: int) -> str:
-    """One finished epoch in words, printed whether or not a terminal shows progress bars (a log file gets
-    every epoch): its figures, the training speed, the run's time so far (every epoch of its history, those of
-    earlier pieces too) and the time the rest takes at most (from the last 5 epochs)."""
+    """One finished epoch in words, for a log file as much as a terminal: its figures, the speed, the run's time so
+    far (earlier pieces' epochs too) and the time the rest takes at most (from the last 5 epochs)."""
     took = [r.get("epoch_s", r["epoch_time"]) for r in history]
     left = (epochs - record["epoch"]) * sum(took[-5:]) / len(took[-5:])
     eta = f", at most {clock(left, precise=left < 600)} left" if left > 0 else ""  # early stopping may end it sooner
@@ -151,10 +162,9 @@ class Interrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def stop_handlers():
-    """While in it, the first Ctrl-C or SIGTERM asks the run to stop at the next safe point (check_stop: the
-    end of the running training step; the next start continues from the last finished epoch's checkpoint),
-    and a second stops it at once. Set explicitly, since a shell starts background jobs with SIGINT ignored
-    and Python keeps it so; the previous handlers come back after (a test calls main() in-process)."""
+    """While in it, the first Ctrl-C or SIGTERM stops the run at the end of the running training step (check_stop),
+    a second at once. Set explicitly, since a shell starts background jobs with SIGINT ignored and Python keeps
+    it so; the previous handlers come back after (a test calls main() in-process)."""
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     install_stop_handlers()
     try:
@@ -205,12 +215,9 @@ class StorageError(RuntimeError):
 
 def run_main(work, kept: str, script: str | None = None, argv=None, redact=lambda arg: arg,
              interrupted: str | None = None, unnamed: str | None = None) -> int:
-    """work(), with the project's errors as one line on stderr; returns the exit code.
-
-    kept: what survives a failed write, said after it; script: the one whose command continues a
-    run stopped by --time-limit (None: only the reason is printed, e.g. by a --jobs worker);
-    interrupted: the line for Ctrl-C; unnamed: the path to name when an OSError names none.
-    """
+    """work(), with the project's errors as one line on stderr; returns the exit code. kept: what survives a failed
+    write; script: the one whose command continues a run stopped by --time-limit (None: only the reason, e.g. in a
+    --jobs worker); interrupted: the line for Ctrl-C; unnamed: the path to name when an OSError names none."""
     try:
         work()
     except StoppedForTime as e:
@@ -242,8 +249,8 @@ def check_writable(folder: str):
 
 
 def resolve_device(name: str) -> torch.device:
-    """--device as a torch.device (auto: cuda, then mps, then cpu), with a one-line DataError for a name
-    torch does not know or a device this machine lacks, before any data is loaded. Every script's one."""
+    """--device as a torch.device (auto: cuda, then mps, then cpu); a one-line DataError, before any data is loaded,
+    for a name torch does not know or a device this machine lacks."""
     try:
         device = pick_device(name)
     except RuntimeError:  # torch's own message lists twenty device types this code was never run on
@@ -257,9 +264,6 @@ def resolve_device(name: str) -> torch.device:
     try:
         torch.empty(0, device=device)  # fails now, not deep inside training
     except (RuntimeError, AssertionError) as e:
-        raise DataError(f"cannot use device {name!r}: {_first_sentence(e)}") from None
+        first_sentence = str(e).splitlines()[0].split(". ")[0]  # torch appends paragraphs of backend lists and advice
+        raise DataError(f"cannot use device {name!r}: {first_sentence}") from None
     return device
-
-
-def _first_sentence(e: Exception) -> str:
-    return str(e).splitlines()[0].split(". ")[0]  # torch appends paragraphs of backend lists and advice

@@ -1,7 +1,7 @@
 """CIFAR-10 as uint8 tensors on the device: loading, splits, augmentation, mixing (Mixup, CutMix) and a loader.
 
-The whole dataset is 180 MB as uint8, so it lives on the training device and every batch is
-augmented there, per sample, with tensor ops. No DataLoader workers, no PIL, no CPU bottleneck.
+The whole dataset is 180 MB as uint8, so it lives on the training device and every batch is augmented there,
+per sample, with tensor ops. No DataLoader workers, no PIL, no CPU bottleneck.
 """
 
 import math
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from augment import eval_transform, train_transform
+from augment import ERASE_AREA, ERASE_ASPECT, eval_transform, train_transform
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -35,31 +35,22 @@ class DataError(RuntimeError):
     """The data is missing, corrupt or unreachable; the message says what to do."""
 
 
-# What a CIFAR-10 batch file may name: numpy's array rebuilders (numpy 1's and numpy 2's module),
-# nothing else. A pickle can name any function to call while it loads; one that names another is
-# refused before anything runs.
+# What a CIFAR-10 batch file may name: numpy's array rebuilders (numpy 1's and numpy 2's module), nothing else.
+# A pickle can name any function to call while it loads; one that names another is refused before anything runs.
 ARRAY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                  ("numpy", "ndarray"), ("numpy", "dtype")}
 
 
-class _Refused(pickle.UnpicklingError):
-    pass
-
-
-class _ArraysOnly(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) not in ARRAY_GLOBALS:
-            raise _Refused(f"{module}.{name}")
-        return super().find_class(module, name)
-
-
 def _unpickle(path: str):
+    class ArraysOnly(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in ARRAY_GLOBALS:
+                raise DataError(f"refusing to load CIFAR-10 file {path}: it names {module}.{name}, which loading it "
+                                f"would call; CIFAR-10 holds only arrays and lists: download it again")
+            return super().find_class(module, name)
+
     with open(path, "rb") as f:
-        try:
-            return _ArraysOnly(f, encoding="latin1").load()
-        except _Refused as e:
-            raise DataError(f"refusing to load CIFAR-10 file {path}: it names {e}, which loading it would call; "
-                            f"CIFAR-10 holds only arrays and lists: download it again") from None
+        return ArraysOnly(f, encoding="latin1").load()
 
 
 @dataclass
@@ -72,7 +63,7 @@ class CIFAR10:
     folder: str | None = None  # where the test batch is read from when it is needed
 
 
-def _read_batch(path: str, expected: int):
+def _read_batch(path: str, expected: int = 10000):
     if not os.path.isfile(path):
         raise DataError(f"CIFAR-10 file {path} is missing; delete the folder to download it again, or fix --data-dir")
     try:
@@ -84,24 +75,9 @@ def _read_batch(path: str, expected: int):
     except Exception as e:  # truncated or foreign files fail in many ways; all mean the same to the user
         raise DataError(f"CIFAR-10 file {path} is corrupt or truncated ({type(e).__name__}); download it again") from None
     if images.shape != (expected, 3 * 32 * 32) or labels.shape != (expected,) or not ((labels >= 0) & (labels < 10)).all():
-        raise DataError(
-            f"CIFAR-10 file {path} holds {images.shape[0]} images of shape {images.shape[1:]} "
-            f"and {labels.shape[0]} labels; expected {expected} images of 3072 bytes with labels 0-9"
-        )
+        raise DataError(f"CIFAR-10 file {path} holds {images.shape[0]} images of shape {images.shape[1:]} and "
+                        f"{labels.shape[0]} labels; expected {expected} images of 3072 bytes with labels 0-9")
     return torch.from_numpy(images).view(-1, 3, 32, 32), torch.from_numpy(labels)
-
-
-def _download(data_dir: str):
-    # torchvision's utilities verify the md5 and extract; imported here so that plain loading needs no torchvision.
-    from torchvision.datasets.utils import download_and_extract_archive
-
-    try:
-        download_and_extract_archive(URL, download_root=data_dir, filename="cifar-10-python.tar.gz", md5=ARCHIVE_MD5)
-    except (OSError, RuntimeError, tarfile.TarError) as e:
-        raise DataError(
-            f"no CIFAR-10 at {os.path.join(data_dir, FOLDER)}, and downloading it from {URL} failed "
-            f"({type(e).__name__}: {e}); check --data-dir (the folder that holds {FOLDER}/) or the network"
-        ) from None
 
 
 def find_cifar10(data_dir: str = "data", download: bool = True) -> str:
@@ -112,24 +88,27 @@ def find_cifar10(data_dir: str = "data", download: bool = True) -> str:
         return folder
     if not download:
         raise DataError(f"no CIFAR-10 at {folder}; pass --data-dir pointing at the folder that holds {FOLDER}/")
+    # torchvision's utilities verify the md5 and extract; imported here so that plain loading needs no torchvision.
+    from torchvision.datasets.utils import download_and_extract_archive
+
     existed = os.path.isdir(data_dir)
     try:
-        _download(data_dir)
-    except DataError:
+        download_and_extract_archive(URL, download_root=data_dir, filename="cifar-10-python.tar.gz", md5=ARCHIVE_MD5)
+    except (OSError, RuntimeError, tarfile.TarError) as e:
         if not existed:
             shutil.rmtree(data_dir, ignore_errors=True)
-        raise
+        raise DataError(f"no CIFAR-10 at {folder}, and downloading it from {URL} failed ({type(e).__name__}: {e}); "
+                        f"check --data-dir (the folder that holds {FOLDER}/) or the network") from None
     return folder
 
 
 def load_cifar10(data_dir: str = "data", download: bool = True, test: bool = True) -> CIFAR10:
-    """Read data_dir/cifar-10-batches-py (the official python format), downloading it if asked.
-
-    test False leaves the test batch unread until final_test_set asks for it: the stages train without
-    it, so that a machine that trains (a rented GPU, say) need never hold the test images at all."""
+    """Read data_dir/cifar-10-batches-py (the official python format), downloading it if asked. test False leaves
+    the test batch unread until final_test_set asks for it: the stages train without it, so that a machine that
+    trains (a rented GPU, say) need never hold the test images at all."""
     folder = find_cifar10(data_dir, download)
-    train = [_read_batch(os.path.join(folder, name), 10000) for name in TRAIN_FILES]
-    test_images, test_labels = _read_batch(os.path.join(folder, TEST_FILE), 10000) if test else (None, None)
+    train = [_read_batch(os.path.join(folder, name)) for name in TRAIN_FILES]
+    test_images, test_labels = _read_batch(os.path.join(folder, TEST_FILE)) if test else (None, None)
     classes = CLASSES
     meta = os.path.join(folder, "batches.meta")
     if os.path.isfile(meta):
@@ -139,17 +118,8 @@ def load_cifar10(data_dir: str = "data", download: bool = True, test: bool = Tru
             raise
         except Exception:
             raise DataError(f"CIFAR-10 file {meta} is corrupt; download it again") from None
-    return CIFAR10(
-        train_images=torch.cat([x for x, _ in train]),
-        train_labels=torch.cat([y for _, y in train]),
-        test_images=test_images,
-        test_labels=test_labels,
-        classes=classes,
-        folder=folder,
-    )
-
-
-# ----------------------------------------------------------------------------- splits
+    return CIFAR10(torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), test_images, test_labels,
+                   classes, folder)
 
 
 def _stratified_pick(labels: torch.Tensor, per_class: list, generator: torch.Generator) -> torch.Tensor:
@@ -161,17 +131,14 @@ def _stratified_pick(labels: torch.Tensor, per_class: list, generator: torch.Gen
     return torch.cat(picked).sort().values
 
 
-def split_indices(labels: torch.Tensor, seed: int = 0, val_per_class: int = VAL_PER_CLASS, subset_ratio: float = 1.0):
-    """Stratified (train, val) index split of the training set; the same seed gives the same split.
-
-    The validation set is always the full val_per_class x classes; subset_ratio shrinks only the
-    training part (stage 1's proxy runs), keeping class balance.
-    """
+def split_indices(labels: torch.Tensor, seed: int = 0, subset_ratio: float = 1.0):
+    """Stratified (train, val) index split of the training set; the same seed gives the same split. The validation
+    set is always VAL_PER_CLASS of each class; subset_ratio shrinks only the training part (stage 1's proxy runs),
+    keeping class balance."""
     if not 0.0 < subset_ratio <= 1.0:
         raise ValueError(f"subset_ratio must be in (0, 1], got {subset_ratio}")
     num_classes = int(labels.max()) + 1
-    g = torch.Generator().manual_seed(seed)
-    val = _stratified_pick(labels, [val_per_class] * num_classes, g)
+    val = _stratified_pick(labels, [VAL_PER_CLASS] * num_classes, torch.Generator().manual_seed(seed))
     rest = torch.ones(len(labels), dtype=torch.bool)
     rest[val] = False
     train = rest.nonzero().squeeze(1)
@@ -192,9 +159,8 @@ class Splits:
     classes: list
 
     def to(self, device) -> "Splits":
-        move = lambda t: t.to(device)  # noqa: E731
-        return Splits(move(self.train_images), move(self.train_labels), move(self.val_images),
-                      move(self.val_labels), self.classes)
+        tensors = (self.train_images, self.train_labels, self.val_images, self.val_labels)
+        return Splits(*(t.to(device) for t in tensors), self.classes)
 
 
 def train_val_splits(ds: CIFAR10, seed: int = 0, subset_ratio: float = 1.0, device="cpu") -> Splits:
@@ -211,11 +177,8 @@ def final_test_set(ds: CIFAR10, device="cpu"):
         if not os.path.isfile(path):
             raise DataError(f"CIFAR-10's test batch {path} is missing (training never reads it): put it there or fix "
                             f"--data-dir, then run the same command; everything trained so far is kept")
-        ds.test_images, ds.test_labels = _read_batch(path, 10000)
+        ds.test_images, ds.test_labels = _read_batch(path)
     return ds.test_images.to(device), ds.test_labels.to(device)
-
-
-# ----------------------------------------------------------------------------- mixing and loader
 
 
 def cutmix_box(lam: float, height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
@@ -228,22 +191,17 @@ def cutmix_box(lam: float, height: int, width: int, rng: random.Random) -> tuple
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-              mix_prob: float = 1.0, switch_prob: float = 0.5, num_classes: int = 10,
-              generator: torch.Generator | None = None, rng: random.Random | None = None):
-    """Mixup (Zhang et al., 2018) or CutMix of a batch, with each sample's partner another sample of it;
-    returns the batch and its targets (soft, rows summing to 1, when mixed; the hard labels otherwise).
+              mix_prob: float = 1.0, switch_prob: float = 0.5, generator: torch.Generator | None = None,
+              rng: random.Random | None = None):
+    """Mixup (Zhang et al., 2018) or CutMix of a batch, each sample's partner another sample of it; returns the
+    batch and its targets (soft, rows summing to 1, when mixed; else the hard labels). timm's Mixup semantics,
+    batch mode: a share mix_prob of the batches is mixed, by CutMix with probability switch_prob if both alphas are
+    on (an alpha of 0 turns its method off); one lambda ~ Beta(alpha, alpha) per batch. CutMix weighs the targets
+    by the area actually pasted (the box is clipped at the borders), so they say how much of each image is seen.
 
-    timm's Mixup semantics, batch mode: a share mix_prob of the batches is mixed; with both alphas on,
-    a mixed batch uses CutMix with probability switch_prob, else Mixup; an alpha of 0 turns its method
-    off. One lambda ~ Beta(alpha, alpha) per batch. Mixup blends whole images by lambda; CutMix pastes
-    the partner's pixels into one box and weighs the targets by the area actually pasted (the box is
-    clipped at the borders), so the targets always say how much of each image the model sees.
-
-    The batch-level draws (whether to mix, which method, lambda, the box) come from rng (None: Python's
-    global one), the partners from generator (on x's device; None: torch's global RNG). torchvision's
-    v2.MixUp and v2.CutMix would draw from torch's global RNG, which a run cannot own; drawn on the host,
-    the box is plain integers, so slicing by it never makes a GPU sync.
-    """
+    The batch-level draws (whether, which, lambda, the box) come from rng (None: Python's global one), the partners
+    from generator (on x's device; None: torch's global RNG): torchvision's v2.MixUp and v2.CutMix draw from torch's
+    global RNG, which a run cannot own; drawn on the host, the box is plain integers: slicing never syncs a GPU."""
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return x, y
     rng = rng or random
@@ -253,7 +211,7 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = 0.0, cutmix
     # Python's Beta sampler: torch's takes no generator, and one lambda per batch is host work anyway.
     lam = rng.betavariate(*(2 * [cutmix_alpha if cutmix else mixup_alpha]))
     perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
-    targets = F.one_hot(y, num_classes).to(x.dtype)
+    targets = F.one_hot(y, len(CLASSES)).to(x.dtype)
     if cutmix:
         top, bottom, left, right = cutmix_box(lam, x.shape[2], x.shape[3], rng)
         x = x.clone()
@@ -265,11 +223,8 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = 0.0, cutmix
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy against hard labels (int64) or soft targets (float rows summing to 1).
-
-    label_smoothing eps trains against (1 - eps) * target + eps / classes, for hard and soft
-    (mixup) targets alike; validation and test losses use eps = 0.
-    """
+    """Cross-entropy against hard labels (int64) or soft targets (float rows summing to 1); label_smoothing eps
+    trains against (1 - eps) * target + eps / classes for both; validation and test losses use eps = 0."""
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
@@ -279,7 +234,7 @@ class DeviceLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool, augment: bool = True,
                  randaug_ops: int = RANDAUG_OPS, randaug_magnitude: int = RANDAUG_MAGNITUDE, erase_prob: float = 0.0,
-                 erase_area: tuple[float, float] = (0.02, 1 / 3), erase_aspect: tuple[float, float] = (0.3, 3.3),
+                 erase_area: tuple[float, float] = ERASE_AREA, erase_aspect: tuple[float, float] = ERASE_ASPECT,
                  generator: torch.Generator | None = None, host_generator: torch.Generator | None = None):
         """generator (on the images' device) shuffles, crops and flips; host_generator (CPU) draws RandAugment's
         ops. None: torch's global RNGs. A run's own pair keeps its batches its own, whatever runs beside it."""
@@ -289,22 +244,20 @@ class DeviceLoader:
             raise ValueError(f"{len(images)} training images are fewer than one batch of {batch_size}")
         self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
         self.generator = generator
+        self.transform = eval_transform  # what training batches get without augmentation (sanity runs)
         if train and augment:
             self.transform = partial(train_transform, generator=generator, host_generator=host_generator,
                                      num_ops=randaug_ops, magnitude=randaug_magnitude, erase_prob=erase_prob,
                                      erase_area=erase_area, erase_aspect=erase_aspect)
-        else:
-            self.transform = eval_transform
 
     def __len__(self):
-        n = len(self.images)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        return len(self.images) // self.batch_size if self.train else -(-len(self.images) // self.batch_size)
 
     def __iter__(self):
         n, bs = len(self.images), self.batch_size
         if not self.train:
-            for i in range(len(self)):
-                yield eval_transform(self.images[i * bs : (i + 1) * bs]), self.labels[i * bs : (i + 1) * bs]
+            for i in range(0, n, bs):
+                yield eval_transform(self.images[i : i + bs]), self.labels[i : i + bs]
             return
         # Shuffle with the run's generator, so that a checkpoint's saved generator state replays the same order.
         order = torch.randperm(n, device=self.images.device, generator=self.generator)[: len(self) * bs]

@@ -3,17 +3,16 @@
     python evaluate.py results/stage2/trial_0012/best.pt --data-dir ../shared/data
     python evaluate.py --export model.pt results/stage2/trial_0012/best.pt
 
-A run folder stands for its best.pt (or, lacking one, its model.pt). --export writes the model alone
-(weights as trained, configuration, epoch, validation accuracy; no optimizer state: a third of an
-AdamW checkpoint's size), which this script and predict.py accept as they do a checkpoint.
+A run folder stands for its best.pt (else its model.pt). --export writes the model alone (weights as trained,
+configuration, epoch, validation accuracy; no optimizer state: a third of an AdamW checkpoint's size), which
+this script and predict.py accept as they do a checkpoint.
 
-Writes next to the checkpoint: test_metrics.json (accuracy with its 95 % Clopper-Pearson interval,
-macro and per-class precision, recall, F1, support; fractions), test_predictions.json (per image,
-for comparing models), classification_report.txt (scikit-learn's), confusion_matrix.png (counts and
-row-normalised), confusion_matrix.csv, mistakes.png (the 36 most confident mistakes) and
-per_class_accuracy.png (with intervals); none of these names is one that training writes, so a
-run's own metrics.json and history survive. Checkpoints are loaded with weights_only=True, so a
-file carrying pickled code is refused instead of run.
+Writes next to the checkpoint, under names training never uses (so a run's own metrics.json survives):
+test_metrics.json (accuracy with its 95 % Clopper-Pearson interval, macro and per-class precision, recall, F1,
+support; fractions), test_predictions.json (per image, for comparing models), classification_report.txt,
+confusion_matrix.png (counts and row-normalised) and .csv, mistakes.png (the 36 most confident mistakes) and
+per_class_accuracy.png (with intervals). Checkpoints are loaded with weights_only=True, so a file carrying
+pickled code is refused instead of run.
 """
 
 import argparse
@@ -25,11 +24,11 @@ import sys
 import numpy as np
 import torch
 
-from checkpoint import checkpoint_file, load_checkpoint
+from checkpoint import checkpoint_file, load_checkpoint, save_checkpoint
 from cli import OneLineParser, add_common_flags, resolve_device, run_main
 from data import VAL_PER_CLASS, DataError, DeviceLoader, final_test_set, load_cifar10
-from report import code_version, plot_mistakes, plot_per_class_accuracy, pyplot, write_bytes, write_json, write_text
-from stats import accuracy_interval, difference_interval
+from reports import (accuracy_interval, code_version, difference_interval, plot_mistakes, plot_per_class_accuracy,
+                     pyplot, save_figure, write_json, write_text)
 from train import TrainConfig, eval_batch_size, evaluate
 from vit import ViT
 
@@ -44,11 +43,8 @@ MODEL_KEYS = ("config", "model", "epoch", "early_stopping")
 
 
 def export_model(checkpoint_path: str, out_path: str) -> dict:
-    """Write the checkpoint's model alone to out_path (atomically) and return what was written.
-
-    The weights stay exactly as trained (fp32), so that evaluating the file reproduces the checkpoint's
-    test accuracy image for image; early_stopping carries the validation accuracy the model was kept for.
-    """
+    """Write the checkpoint's model alone to out_path (atomically) and return it. The weights stay as trained (fp32),
+    so the file's test accuracy is the checkpoint's image for image; early_stopping keeps its validation accuracy."""
     path = checkpoint_file(checkpoint_path)
     state = load_checkpoint(path)
     if os.path.exists(out_path) and os.path.samefile(path, out_path):
@@ -58,9 +54,7 @@ def export_model(checkpoint_path: str, out_path: str) -> dict:
     exported = {"format": MODEL_FORMAT, **{k: state[k] for k in MODEL_KEYS if k in state},
                 # this code's version, which reads the file; the training code's is in the run's config.json
                 "code_version": code_version()}
-    buf = io.BytesIO()
-    torch.save(exported, buf)
-    write_bytes(out_path, buf.getvalue())
+    save_checkpoint(exported, out_path)
     return exported
 
 
@@ -76,54 +70,43 @@ def model_from_checkpoint(state: dict, device) -> ViT:
 
 def classification_metrics(labels: np.ndarray, preds: np.ndarray, classes: list) -> dict:
     """Accuracy, macro and per-class precision/recall/F1/support, all from scikit-learn."""
-    # scikit-learn (and the plotting below) is imported where the test set is scored, not at the top:
-    # it is half a second of every start of every script that imports this module.
+    # imported here, not at the top: half a second that every start of every importing script would pay
     from sklearn.metrics import precision_recall_fscore_support
 
     ids = list(range(len(classes)))
     p, r, f, s = precision_recall_fscore_support(labels, preds, labels=ids, average=None, zero_division=0)
     mp, mr, mf, _ = precision_recall_fscore_support(labels, preds, labels=ids, average="macro", zero_division=0)
-    return {
-        "accuracy": float((labels == preds).mean()),
-        "macro": {"precision": float(mp), "recall": float(mr), "f1": float(mf)},
-        "per_class": {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                      for i, name in enumerate(classes)},
-    }
+    per_class = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                 for i, name in enumerate(classes)}
+    return {"accuracy": float((labels == preds).mean()),
+            "macro": {"precision": float(mp), "recall": float(mr), "f1": float(mf)}, "per_class": per_class}
 
 
 def write_confusion_csv(path: str, cm: np.ndarray, classes: list):
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["true \\ predicted", *classes])
-    for name, row in zip(classes, cm):
-        writer.writerow([name, *(int(v) for v in row)])
+    rows = [[name, *(int(v) for v in row)] for name, row in zip(classes, cm)]
+    csv.writer(buf, lineterminator="\n").writerows([["true \\ predicted", *classes], *rows])
     write_text(path, buf.getvalue())
 
 
 def plot_confusion(path: str, cm: np.ndarray, classes: list, title: str):
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    plt = pyplot()
     # Rows of a class the test set lacks would divide by zero; they stay 0.
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(17, 7.5))
+    fig, axes = pyplot().subplots(1, 2, figsize=(17, 7.5))
     for ax, values, name, fmt in ((axes[0], cm, "counts", "d"),
                                   (axes[1], norm, "row-normalised (recall on the diagonal)", ".2f")):
         ConfusionMatrixDisplay(values, display_labels=classes).plot(ax=ax, cmap="Blues", values_format=fmt,
                                                                     xticks_rotation=45)
         ax.set(xlabel="predicted class", ylabel="true class", title=name)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
-    """Evaluate the checkpoint at `path` on ds's test set; write the metrics and figures next to it.
-
-    Accuracies are fractions in the JSON, with 95 % Clopper-Pearson intervals; tta adds the accuracy
-    of averaging each image's and its mirror's logits as a separate figure (the plain one stays the headline).
-    """
+    """Test the checkpoint at `path` on ds's test set and write the metrics (fractions, 95 % Clopper-Pearson
+    intervals) and figures next to it; tta adds, beside the headline, the accuracy of averaging each image's and
+    its mirror's logits."""
     from sklearn.metrics import classification_report, confusion_matrix
 
     device = torch.device(device)
@@ -136,32 +119,22 @@ def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
     result = evaluate(model, loader, return_preds=True, tta=tta)
     y_true, y_pred = labels.cpu().numpy(), result["preds"].numpy()
     classes = list(ds.classes)
-    metrics = classification_metrics(y_true, y_pred, classes)
-    correct = int((y_true == y_pred).sum())
-    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
+    n, ids = len(y_true), list(range(len(classes)))
+    scores = classification_metrics(y_true, y_pred, classes)
+    cm = confusion_matrix(y_true, y_pred, labels=ids)
     for i, name in enumerate(classes):  # a class's accuracy is its recall
-        metrics["per_class"][name]["recall_ci95"] = list(accuracy_interval(int(cm[i, i]), max(1, int(cm[i].sum()))))
-    es = state.get("early_stopping", {})
-    val_acc = es.get("best_acc")  # the validation accuracy the checkpoint was kept for
-    metrics = {
-        "checkpoint": os.path.abspath(path),
-        "epoch": state.get("epoch"),
-        "val_acc": val_acc,
-        "test_images": len(y_true),
-        "loss": result["loss"],
-        "accuracy_ci95": list(accuracy_interval(correct, len(y_true))),
-        **metrics,
-        "config": state["config"],
-        "code_version": code_version(),
-    }
+        scores["per_class"][name]["recall_ci95"] = list(accuracy_interval(int(cm[i, i]), max(1, int(cm[i].sum()))))
+    val_acc = state.get("early_stopping", {}).get("best_acc")  # the validation accuracy the checkpoint was kept for
+    metrics = {"checkpoint": os.path.abspath(path), "epoch": state.get("epoch"), "val_acc": val_acc, "test_images": n,
+               "loss": result["loss"], "accuracy_ci95": list(accuracy_interval(int((y_true == y_pred).sum()), n)),
+               **scores, "config": state["config"], "code_version": code_version()}
     if val_acc is not None and val_acc >= 0:
         metrics["val_minus_test"] = val_acc - metrics["accuracy"]
         metrics["val_minus_test_ci95"] = list(difference_interval(val_acc, VAL_PER_CLASS * len(classes),
-                                                                  metrics["accuracy"], len(y_true)))
+                                                                  metrics["accuracy"], n))
     if tta:
         flipped = result["tta_acc"]
-        metrics["tta"] = {"accuracy": flipped, "accuracy_ci95": list(accuracy_interval(round(flipped * len(y_true)),
-                                                                                        len(y_true))),
+        metrics["tta"] = {"accuracy": flipped, "accuracy_ci95": list(accuracy_interval(round(flipped * n), n)),
                           "how": "mean of the logits of each image and its horizontal mirror"}
     out = os.path.dirname(os.path.abspath(path))
     write_json(os.path.join(out, METRICS_FILE), metrics)
@@ -170,15 +143,14 @@ def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
     name = os.path.basename(out)
     plot_mistakes(images.cpu(), y_true, result["probs"], classes, os.path.join(out, "mistakes.png"),
                   f"{name}: the 36 most confident mistakes on the test set (true class, prediction, confidence)")
-    plot_per_class_accuracy(classes, [int(cm[i, i]) for i in range(len(classes))], [int(r.sum()) for r in cm],
+    plot_per_class_accuracy(classes, [int(cm[i, i]) for i in ids], [int(r.sum()) for r in cm],
                             os.path.join(out, "per_class_accuracy.png"),
                             f"{name}: test accuracy per class, {100 * metrics['accuracy']:.2f} % overall")
     write_text(os.path.join(out, "classification_report.txt"),
-               classification_report(y_true, y_pred, labels=list(range(len(classes))), target_names=classes,
-                                     digits=4, zero_division=0))
+               classification_report(y_true, y_pred, labels=ids, target_names=classes, digits=4, zero_division=0))
     write_confusion_csv(os.path.join(out, "confusion_matrix.csv"), cm, classes)
     plot_confusion(os.path.join(out, "confusion_matrix.png"), cm, classes,
-                   f"{os.path.basename(out)}: test accuracy {100 * metrics['accuracy']:.2f} % on {len(y_true)} images")
+                   f"{name}: test accuracy {100 * metrics['accuracy']:.2f} % on {n} images")
     return metrics
 
 

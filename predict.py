@@ -3,10 +3,9 @@
     python predict.py results/reference/<run>/model.pt cat.png ship.jpg
     cat.png: cat 91.2 %, dog 5.1 %, frog 1.0 %
 
-The model is a file written by `python evaluate.py --export`, any checkpoint evaluate.py accepts, or a
-run folder (its best.pt, else model.pt), loaded the same safe way. This module owns turning an image
-file of any size and mode into what the model was trained on (RGB, 32x32, normalised as evaluation
-does) and printing the model's answer; it never reads CIFAR-10 itself.
+The model is a file written by `python evaluate.py --export`, any checkpoint evaluate.py accepts, or a run
+folder (its best.pt, else model.pt), loaded the same safe way. Each image, of any size and mode, becomes what
+the model was trained on (RGB, 32x32, normalised as evaluation does); CIFAR-10 itself is never read.
 """
 
 import argparse
@@ -34,10 +33,9 @@ def load_image(path: str) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)  # a phone's photo is stored sideways, with its turn in EXIF
-            # Bicubic, not nearest: PIL widens a filter by the scale factor when shrinking, so every pixel of
-            # a large photo counts towards its 32x32 version instead of a sparse sample of them (aliasing);
-            # it is sharper than bilinear or box and rings less than Lanczos. The whole image is squeezed into
-            # the square, as CIFAR-10's were; crop first to keep a wide one's proportions.
+            # Bicubic: PIL widens it by the scale factor when shrinking, so every pixel of a large photo counts
+            # (nearest would sample a few: aliasing); sharper than bilinear, rings less than Lanczos. The whole
+            # image is squeezed into the square, as CIFAR-10's were; crop first to keep a wide one's proportions.
             im = im.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC)
             return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(SIZE, SIZE, 3).permute(2, 0, 1)
     except UnidentifiedImageError:

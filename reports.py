@@ -1,13 +1,16 @@
-"""The reports each stage writes, built from what is on disk: stage 1's top-k file, summary.md and
-study plots from the study's trials; stage 2's report.md, comparison chart and pairwise McNemar tests
-from the models' rows (a finished model's from its test metrics, an unfinished one's from its last.pt
-and claim) and saved test predictions. Nothing here trains, so each is testable alone.
-(report.py holds the file writing, TensorBoard and the per-run plots they use.)
+"""Everything written about a run: atomic files, the code version, TensorBoard, the plots, exact statistics and
+each stage's report (stage 1: top-k file, summary.md, study plots; stage 2: report.md, comparison chart, pairwise
+McNemar tests). Nothing here trains, so each is testable alone.
+
+Statistics are exact, so that a small test set or a rare class gets an honest answer: Clopper-Pearson intervals
+for accuracies, the exact McNemar test for two models on the same images.
 """
 
 import contextlib
 import json
 import os
+import subprocess
+import tempfile
 import warnings
 
 import numpy as np
@@ -15,14 +18,242 @@ import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from checkpoint import load_checkpoint
-from data import DataError
-from report import code_version, plot_curves, pyplot, write_json, write_text
-from stats import mcnemar, verdict
-from workers import CLAIM, completed_by_value, read_claim
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display on servers and CI). Imported on first use: most
+    starts of a script (a bad flag, --help, a stage-1 worker between trials) draw nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def code_version() -> str:
+    """The git commit of this code ('+dirty' with uncommitted changes), so a result can be rebuilt."""
+    try:
+        run = lambda *args: subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=10)  # noqa: E731
+        commit = run("rev-parse", "HEAD").stdout.strip()
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return (commit or "unknown") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_json(path: str, obj):
+    """Write atomically, so that a reader (or a second worker) never sees half a file."""
+    write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def write_text(path: str, text: str):
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes):
+    """Replace `path` with `data` all at once: a kill or a full disk leaves the old file whole and no temporary
+    file behind; an OSError names `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = None
+    try:
+        # A unique name per writer: two workers may write the same report at once.
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the rename, or a power cut could leave an empty file
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared machine
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        raise OSError(e.errno, e.strerror, path) from None
+    _fsync_dir(folder)  # the rename itself must survive a power cut too
+
+
+def _fsync_dir(folder: str):
+    # Windows cannot open folders and some file systems refuse fsync on them; the rename is atomic there anyway.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class TensorBoardLogger:
+    """An on_epoch callback that writes the epoch's curves for `tensorboard --logdir results`."""
+
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter  # slow import; only runs that log pay it
+
+        self.writer = SummaryWriter(log_dir)
+
+    def __call__(self, trainer, record: dict):
+        step = record["epoch"]
+        for split in ("train", "val"):
+            self.writer.add_scalar(f"loss/{split}", record[f"{split}_loss"], step)
+            self.writer.add_scalar(f"accuracy/{split}", record[f"{split}_acc"], step)
+        self.writer.add_scalar("lr", record["lr"], step)
+        self.writer.add_scalar("throughput/train_img_s", record["train_img_s"], step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+def log_hparams(log_dir: str, hparams_dict: dict, metrics: dict):
+    """One run's parameters and final figures for TensorBoard's HParams dashboard. None becomes "none" and a
+    range "MIN MAX" (it takes numbers, strings and booleans only); metrics become scalars "hparams/<name>"."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    clean = {k: ("none" if v is None else " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+             for k, v in hparams_dict.items()}
+    tags = {f"hparams/{k}": v for k, v in metrics.items()}
+    # SummaryWriter.add_hparams would open a second writer in a time-stamped subfolder; one file beside
+    # the run's curves keeps each run a single row of the dashboard.
+    with SummaryWriter(log_dir) as writer:
+        for summary in hparams(clean, tags):
+            writer.file_writer.add_summary(summary)
+        for tag, value in tags.items():
+            writer.add_scalar(tag, value)
+
+
+def save_figure(fig, path: str, title: str | None = None, dpi: int = 100):
+    """Write `fig` to `path`, making its folder, and free it: pyplot keeps every figure until it is closed."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
+
+
+def plot_curves(history: list, path: str, title: str):
+    """Training and validation loss and accuracy per epoch, side by side, in one PNG."""
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "-"), ("val", "--")):
+        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], style, marker=".", label=split)
+        ax_acc.plot(epochs, [100 * r[f"{split}_acc"] for r in history], style, marker=".", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+        if len(epochs) == 1:  # matplotlib would zoom into 0.95-1.05 around a single point
+            ax.set_xlim(0.5, 1.5)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(fig, path, title)
+
+
+def most_confident_mistakes(probs, labels, k: int = 36) -> list:
+    """Indices of up to k misclassified images, the most confident (highest predicted probability) first."""
+    import torch
+
+    probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
+    conf, pred = probs.max(1)
+    wrong = (pred != labels).nonzero().flatten()
+    return wrong[conf[wrong].argsort(descending=True)][:k].tolist()
+
+
+def plot_mistakes(images, labels, probs, classes: list, path: str, title: str, k: int = 36) -> list:
+    """A grid of the k most confident mistakes, each with true class, prediction and confidence; returns their
+    indices. images: uint8 (N, 3, 32, 32); probs: (N, classes) softmax outputs."""
+    import torch
+
+    picked = most_confident_mistakes(probs, labels, k)
+    cols = 6
+    rows = max(1, -(-len(picked) // cols))
+    fig, axes = pyplot().subplots(rows, cols, figsize=(cols * 1.9, rows * 2.2), squeeze=False)
+    probs = torch.as_tensor(probs)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, picked):
+        # nearest-neighbour upscaling shows the 32x32 pixels as they are, not a blur of them
+        ax.imshow(torch.as_tensor(images[i]).permute(1, 2, 0).numpy(), interpolation="nearest")
+        conf, pred = probs[i].max(0)
+        ax.set_title(f"true: {classes[int(labels[i])]}\npred: {classes[int(pred)]} ({100 * conf:.0f} %)", fontsize=8)
+    if not picked:
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    save_figure(fig, path, title, dpi=110)
+    return picked
+
+
+def plot_per_class_accuracy(classes: list, correct: list, totals: list, path: str, title: str):
+    """Per-class test accuracy (%) as bars with their 95 % Clopper-Pearson intervals."""
+    acc = [100 * c / n for c, n in zip(correct, totals)]
+    intervals = [accuracy_interval(c, n) for c, n in zip(correct, totals)]
+    err = [[a - 100 * lo for a, (lo, _) in zip(acc, intervals)], [100 * hi - a for a, (_, hi) in zip(acc, intervals)]]
+    fig, ax = pyplot().subplots(figsize=(9, 4))
+    ax.bar(classes, acc, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
+    ax.set(ylabel="test accuracy (%), 95 % interval", ylim=(0, 105), title=title)
+    ax.grid(axis="y", alpha=0.3)
+    for x, (a, (_, hi)) in enumerate(zip(acc, intervals)):
+        ax.text(x, 100 * hi + 1.5, f"{a:.1f}", ha="center", fontsize=8)  # above the interval, readable at any height
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- exact statistics
+
+
+def accuracy_interval(correct: int, total: int, level: float = 0.95) -> tuple:
+    """Clopper-Pearson interval (low, high) of correct/total, as fractions (0/n and n/n included)."""
+    from scipy.stats import binomtest  # here: scipy.stats takes half a second to import, which most starts never need
+
+    if total <= 0 or not 0 <= correct <= total:
+        raise ValueError(f"need 0 <= correct <= total and total > 0, got {correct}/{total}")
+    ci = binomtest(correct, total).proportion_ci(confidence_level=level, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+def mcnemar(correct_a, correct_b) -> dict:
+    """Exact McNemar test of two models' per-image correctness on the same images: the disagreement counts
+    (a_only: A right and B wrong; b_only: the reverse) and the two-sided p-value of "equally accurate"."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"the two models must be tested on the same images, got {a.shape} and {b.shape}")
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    p = 1.0 if a_only + b_only == 0 else float(binomtest(a_only, a_only + b_only, 0.5).pvalue)
+    return {"a_only": a_only, "b_only": b_only, "p_value": p}
+
+
+def verdict(name_a: str, name_b: str, test: dict, alpha: float = 0.05) -> str:
+    """One plain sentence on an exact McNemar result (A is the model with the higher accuracy)."""
+    counts = (f"{name_a} alone is right on {test['a_only']} images, {name_b} alone on {test['b_only']}; "
+              f"exact McNemar p = {test['p_value']:.3g}")
+    if test["p_value"] < alpha:
+        return f"{name_a} beats {name_b} at the {alpha:.0%} level ({counts})."
+    return f"{name_a} does not beat {name_b} at the {alpha:.0%} level: the difference may be chance ({counts})."
+
+
+def difference_interval(acc_a: float, n_a: int, acc_b: float, n_b: int, level: float = 0.95) -> tuple:
+    """Interval of acc_a - acc_b on disjoint image sets, whose errors are independent (normal approximation).
+    For the validation-minus-test gap, biased upwards since a kept checkpoint's validation accuracy is the
+    best of many epochs: an interval that excludes 0 says the test images are harder or the choice overfitted."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + level / 2))
+    se = (acc_a * (1 - acc_a) / n_a + acc_b * (1 - acc_b) / n_b) ** 0.5
+    d = acc_a - acc_b
+    return d - z * se, d + z * se
 
 
 # ----------------------------------------------------------------------------- stage 1: the study
+
+
+def completed_by_value(study: optuna.Study) -> list:
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(trials, key=lambda t: t.value, reverse=True)
 
 
 def top_file(top_k: int) -> str:
@@ -30,15 +261,13 @@ def top_file(top_k: int) -> str:
     return f"top{top_k}.json"
 
 
-def write_reports(study: optuna.Study, out_dir: str, top_k: int = 3, plots: bool = True):
+def write_stage1_reports(study: optuna.Study, out_dir: str, top_k: int = 3, plots: bool = True):
     """top{k}.json, summary.md and (with plots) the curves of the top trials and the study plots."""
     done = completed_by_value(study)
     top = done[:top_k]
     write_json(os.path.join(out_dir, top_file(top_k)), [
-        {"number": t.number, "params": t.params, "val_acc": t.value,
-         "epochs_run": t.user_attrs.get("epochs_run"), "config": t.user_attrs.get("config")}
-        for t in top
-    ])
+        {"number": t.number, "params": t.params, "val_acc": t.value, "epochs_run": t.user_attrs.get("epochs_run"),
+         "config": t.user_attrs.get("config")} for t in top])
     trials = study.get_trials(deepcopy=False)
     keys = next((list(t.params) for t in trials if t.params), [])
     best = (f"best validation accuracy {100 * top[0].value:.2f} % (trial {top[0].number})" if top
@@ -81,7 +310,7 @@ MIN_TRIALS_FOR_IMPORTANCE = 5  # fANOVA on fewer completed trials gives shares t
 
 def _write_plots(study: optuna.Study, done: list, top_k: int, out_dir: str):
     """done: the completed trials, best first (completed_by_value)."""
-    plt = pyplot()  # first: it picks the file-only backend before Optuna's plots import pyplot
+    pyplot()  # first: it picks the file-only backend before Optuna's plots import pyplot
     import matplotlib.ticker
     from optuna.visualization import matplotlib as ovm
 
@@ -92,11 +321,11 @@ def _write_plots(study: optuna.Study, done: list, top_k: int, out_dir: str):
     varied = [k for k in (done[0].params if done else {}) if len({repr(t.params.get(k)) for t in done}) > 1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna's matplotlib plots are marked experimental
-        plots = {"optimization_history.png": lambda s: ovm.plot_optimization_history(s, target_name="validation accuracy")}
+        target = "validation accuracy"
+        plots = {"optimization_history.png": lambda s: ovm.plot_optimization_history(s, target_name=target)}
         if len(done) >= 2 and varied:
-            plots["parallel_coordinate.png"] = lambda s: ovm.plot_parallel_coordinate(
-                s, params=varied, target_name="validation accuracy")
-            plots["slice.png"] = lambda s: ovm.plot_slice(s, params=varied, target_name="validation accuracy")
+            plots["parallel_coordinate.png"] = lambda s: ovm.plot_parallel_coordinate(s, varied, target_name=target)
+            plots["slice.png"] = lambda s: ovm.plot_slice(s, params=varied, target_name=target)
         if len(done) >= MIN_TRIALS_FOR_IMPORTANCE and varied:
             plots["param_importances.png"] = lambda s: ovm.plot_param_importances(s, params=varied)
         for name, plot in plots.items():
@@ -112,9 +341,7 @@ def _write_plots(study: optuna.Study, done: list, top_k: int, out_dir: str):
                 ax.set_xlabel("trial")
             # the slice plot is one row of panels, one per parameter: keep each panel readable
             fig.set_size_inches(*(9, 5) if name != "slice.png" else (2.6 * len(varied) + 1.5, 3.8))
-            fig.tight_layout()
-            fig.savefig(os.path.join(out_dir, name), dpi=100, bbox_inches="tight")
-            plt.close(fig)
+            save_figure(fig, os.path.join(out_dir, name))
 
 
 # ----------------------------------------------------------------------------- stage 2: the final models
@@ -130,20 +357,6 @@ def test_row(m: dict, run_dir: str) -> dict:
                 classification_report=report)
 
 
-def unfinished_row(row: dict, run_dir: str) -> dict:
-    """A model no worker has finished, as far as its last.pt and claim.json tell (row: what it is)."""
-    last, epochs, planned = os.path.join(run_dir, "last.pt"), 0, row["max_epochs"]
-    if os.path.isfile(last):
-        with contextlib.suppress(DataError):  # an unreadable last.pt is reported when a worker meets it
-            state = load_checkpoint(last)
-            # the run's own schedule, which --report-only's flags need not repeat
-            epochs, planned = state.get("epoch", 0), state["config"].get("epochs", planned)
-    holder = read_claim(os.path.join(run_dir, CLAIM))
-    who = f", being trained by {holder['host']} pid {holder['pid']}" if holder else ""
-    return {**row, "epochs_run": epochs, "stopped_early": False, "failure": "", "max_epochs": planned,
-            "unfinished": f"not finished yet ({epochs} of {epochs_phrase(planned)} in last.pt{who})"}
-
-
 def epochs_phrase(n: int) -> str:
     return f"{n} epoch" + ("" if n == 1 else "s")
 
@@ -154,15 +367,13 @@ def _pct(x) -> str:
 
 def plot_comparison(rows: list, path: str):
     """Test accuracy and macro precision, recall and F1, grouped by model."""
-    plt = pyplot()
     metrics = [("test_acc", "accuracy"), ("precision", "macro precision"), ("recall", "macro recall"),
                ("f1", "macro F1")]
     x = np.arange(len(rows))
     width = 0.8 / len(metrics)
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(rows) + 2), 4.5))
+    fig, ax = pyplot().subplots(figsize=(max(6, 2.2 * len(rows) + 2), 4.5))
     for k, (key, label) in enumerate(metrics):
-        values = [100 * r[key] for r in rows]
-        bars = ax.bar(x + (k - (len(metrics) - 1) / 2) * width, values, width, label=label)
+        bars = ax.bar(x + (k - (len(metrics) - 1) / 2) * width, [100 * r[key] for r in rows], width, label=label)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     lowest = min(100 * r[key] for r in rows for key, _ in metrics)
     # Models a few points apart look identical on a 0-100 axis; start just below the lowest bar.
@@ -174,9 +385,7 @@ def plot_comparison(rows: list, path: str):
            title="Stage 2: test-set metrics per model")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(metrics), fontsize=8)  # below: never over a bar
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def pairwise_tests(rows: list, out_dir: str) -> list:
@@ -199,7 +408,7 @@ def _interval(ci) -> str:
     return "" if not ci else f"{100 * ci[0]:.2f}-{100 * ci[1]:.2f}"
 
 
-def write_report(rows: list, out_dir: str, args):
+def write_stage2_report(rows: list, out_dir: str, subset: float, patience: int):
     tested = [r for r in rows if r.get("test_acc") is not None]
     pairs = pairwise_tests(rows, out_dir)
     if tested:
@@ -208,9 +417,8 @@ def write_report(rows: list, out_dir: str, args):
     lines = [
         "# Stage 2: final models on the CIFAR-10 test set", "",
         f"{len(rows)} model(s), each retrained from scratch on "
-        f"{'all training images' if args.subset >= 1 else f'a stratified {100 * args.subset:g} % of the training images'}"
-        f" but the 5,000 held out for "
-        f"validation, with early stopping on those (patience {args.patience}, at most "
+        f"{'all training images' if subset >= 1 else f'a stratified {100 * subset:g} % of the training images'}"
+        f" but the 5,000 held out for validation, with early stopping on those (patience {patience}, at most "
         f"{epochs_phrase(max(r['max_epochs'] for r in rows))}), "
         + (f"then tested once, at its best validation epoch, on the {n_test:,} test images. " if tested
            else "to be tested once, at its best validation epoch, on the test images; none is tested yet. ") +
@@ -277,6 +485,6 @@ def write_report(rows: list, out_dir: str, args):
             "```", r["classification_report"].rstrip(), "```",
         ]
     write_text(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
-    write_json(os.path.join(out_dir, "summary.json"), {
-        "accuracy_unit": "fraction", "models": [{k: v for k, v in r.items() if k != "classification_report"}
-                                                for r in rows], "pairwise_mcnemar": pairs})
+    models = [{k: v for k, v in r.items() if k != "classification_report"} for r in rows]
+    write_json(os.path.join(out_dir, "summary.json"), {"accuracy_unit": "fraction", "models": models,
+                                                       "pairwise_mcnemar": pairs})

@@ -4,179 +4,281 @@
     python stage2_final.py --trials 12 31 7     # these trials of the study
     python stage2_final.py --config top3.json   # exactly these configurations, no study needed
 
-candidates.py turns the study or the file into the models to train. Each model trains from
-scratch, with early stopping on the fixed 5,000 validation images, into results/stage2/<model>/:
-config.json, TensorBoard curves, best.pt and last.pt (everything needed to continue, so running the
-same command again after an interruption picks up at the next epoch; --fresh starts over) and
-curves.png. evaluate.py then tests each best.pt on the 10,000 test images, and
-results/stage2/report.md and comparison.png put the models side by side.
-
-Several workers (processes, GPUs, machines sharing the folder) may run the same command on one
-results folder: each model is trained by the one worker holding its claim.json, a finished model
-is marked by done.json and skipped, a dead local worker's model is taken over and resumed, and the
-last worker to finish writes the report (--report-only rebuilds it from the folders at any time).
+The models are the enqueued trials of a stage-2 study ("<study>-stage2") in stage 1's storage, so that
+workers anywhere share them as they share stage 1 (storage.py): each takes the next waiting model, a
+killed worker's model is retried from its last.pt, and optuna-dashboard shows every epoch's validation
+accuracy. Each model trains from scratch with early stopping on the fixed 5,000 validation images into
+results/stage2/<model>/ (config.json, TensorBoard curves, best.pt, last.pt, curves.png); the same command
+after any stop goes on from the last finished epoch (--fresh starts over). evaluate.py then tests each
+best.pt once on the 10,000 test images, and the last worker to finish writes results/stage2/report.md.
 """
 
 import argparse
+import json
 import os
+import signal
+import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
+import optuna
+from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from candidates import CONFIG_KEYS, SCHEDULE_FLAGS, Candidate, candidates_from_file, candidates_from_study
-from checkpoint import load_into, save_checkpoint
-from cli import (OneLineParser, StoppedForTime, add_common_flags, add_time_limit, check_positive, check_stop,
-                 check_writable, default_storage, epoch_line, stop_handlers, nothing_fits, resolve_device,
-                 run_main)
+from checkpoint import load_checkpoint, load_into, save_checkpoint
+from cli import (Interrupted, OneLineParser, ResultsError, StorageError, StoppedForTime, add_common_flags,
+                 add_worker_flags, check_stop, check_writable, closest, epoch_line, nothing_fits, positive,
+                 resolve_device, run_main, stop_handlers, stop_requested, storage_url)
 from data import TEST_FILE, DataError, find_cifar10, load_cifar10, train_val_splits
 from evaluate import TEST_OUTPUTS, evaluate_checkpoint
-from report import TensorBoardLogger, code_version, log_hparams, plot_curves, write_json
-from reports import epochs_phrase, test_row, unfinished_row, write_report
-from train import (AMP_HELP, AMP_MODES, COMPILE_HELP, COMPILE_MODES, LONG_RECIPE, Diverged, Trainer,
+from reports import (TensorBoardLogger, code_version, completed_by_value, epochs_phrase, log_hparams, plot_curves,
+                     test_row, write_json, write_stage2_report)
+from storage import (Worker, open_storage, optimize, redact_url, run_workers, storage_error,
+                     storage_lost_in_one_line, through_a_restart, worker_device)
+from train import (AMP_HELP, AMP_MODES, COMPILE_HELP, COMPILE_MODES, LONG_RECIPE, Diverged, TrainConfig, Trainer,
                    add_recipe_flags, recipe_overrides, warmup_note)
-from workers import DONE, finished_row, process_identity, redact_url, release_claim, take_claim
 
-# Everything a run writes into its folder; --fresh removes exactly these, nothing a person put there
-# (metrics.json: what evaluate.py called test_metrics.json before it stopped overwriting stage 1's).
-RUN_OUTPUTS = ("last.pt", "best.pt", "curves.png", "metrics.json", *TEST_OUTPUTS, DONE)
-
-
-# ----------------------------------------------------------------------------- sharing the models between workers
+CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
+SCHEDULE_FLAGS = {"epochs": "--epochs", "patience": "--patience", "subset_ratio": "--subset"}  # stage 2's, not a file's
+# Everything a run writes into its folder; --fresh removes exactly these, nothing a person put there.
+RUN_OUTPUTS = ("last.pt", "best.pt", "curves.png", "metrics.json", *TEST_OUTPUTS)
+MODEL_ATTRS = ("model", "config", "source", "stage1_val_acc")  # a stage-2 trial's user attributes: what it trains
 
 
-def _other_config(c: Candidate, path: str) -> DataError:
-    return DataError(f"{path} was trained with another configuration than {c.source}; pass --fresh to start it "
-                     f"over, or --results to write elsewhere")
-
-
-def finished(c: Candidate, run_dir: str, fresh_since: float | None = None) -> dict | None:
-    """The model's report row if a worker has trained and tested it, else None (workers.finished_row)."""
-    return finished_row(run_dir, c.config.to_dict(), lambda path: _other_config(c, path), fresh_since)
-
-
-def row_from_disk(c: Candidate, run_dir: str) -> dict:
-    """What the report says about a model: its finished row, or how far it has got."""
-    return finished(c, run_dir) or unfinished_row(_row(c), run_dir)
-
-
-# ----------------------------------------------------------------------------- training one model
-
-
-def clear_run(run_dir: str):
-    for name in os.listdir(run_dir):
-        if name in RUN_OUTPUTS or name.startswith("events.out.tfevents"):
-            os.remove(os.path.join(run_dir, name))
+# ----------------------------------------------------------------------------- the models to train
 
 
 @dataclass
-class Progress:
+class Candidate:
+    name: str  # its folder under results/stage2/, e.g. trial_0012 or config_0
+    config: TrainConfig  # stage 1's configuration with stage 2's schedule and recipe
+    source: str  # where the configuration came from, in words, for config.json and the report
+    stage1_val_acc: float | None = None
+
+
+def stage2_config(d: dict, args, from_study: bool = False) -> TrainConfig:
+    """d with stage 2's schedule and recipe: recipe flags win over everything; then, for a stage-1 trial,
+    LONG_RECIPE over the 20-epoch proxy's (chosen for ranking, not for 120 epochs); for a --config file's
+    configuration, its own keys over LONG_RECIPE: it says what to train."""
+    recipe = {**d, **LONG_RECIPE} if from_study else {**LONG_RECIPE, **d}
+    return TrainConfig.from_dict({**recipe, **recipe_overrides(vars(args)), "epochs": args.epochs,
+                                  "patience": args.patience, "subset_ratio": args.subset})
+
+
+def candidates_from_study(args, storage, url: str) -> list:
+    """The chosen trials of stage 1's study (the top k completed, or --trials by number)."""
+    where = f"study {args.study_name!r} in {redact_url(url)}"  # into config.json and the report: no password
+    try:
+        study = optuna.load_study(study_name=args.study_name, storage=storage)
+    except KeyError:
+        held = ", ".join(repr(n) for n in optuna.study.get_all_study_names(storage) if not n.endswith("-stage2"))
+        held = held or "none"
+        raise StorageError(f"no study {args.study_name!r} in {redact_url(url)} (it holds: {held}); pass "
+                           f"--study-name") from None
+    if args.trials:
+        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+        missing = [n for n in args.trials if n not in by_number]
+        if missing:
+            raise StorageError(f"{where} has no trial {', '.join(map(str, missing))} "
+                               f"(its trials are numbered 0 to {len(by_number) - 1})")
+        chosen = [by_number[n] for n in dict.fromkeys(args.trials)]  # a number given twice trains once
+        for t in chosen:
+            if not t.params:
+                raise StorageError(f"trial {t.number} of {where} is {t.state.name} and has no configuration yet")
+            if t.state != TrialState.COMPLETE:
+                tqdm.write(f"note: trial {t.number} is {t.state.name}, not COMPLETE; retraining it as asked")
+    else:
+        chosen = completed_by_value(study)[:args.top_k]
+        if not chosen:
+            raise StorageError(f"{where} has no completed trial yet ({len(study.trials)} trials in all); "
+                               f"let stage1_search.py finish one, or pass --config")
+        if len(chosen) < args.top_k:
+            tqdm.write(f"note: {where} has only {len(chosen)} completed trial(s); retraining those instead of "
+                       f"the top {args.top_k}")
+    # params win over the stored config: they are what Optuna proposed, and every key is a TrainConfig field.
+    return [Candidate(f"trial_{t.number:04d}", stage2_config({**t.user_attrs.get("config", {}), **t.params}, args,
+                                                             from_study=True), f"stage-1 trial {t.number} of {where}",
+                      t.value) for t in chosen]
+
+
+def candidates_from_file(path: str, args) -> list:
+    """One configuration or a list: TrainConfig keys, or whole top3.json entries (checked key by key, so that
+    a typo, or a key that belongs to a flag, is refused in one line instead of ignored)."""
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except OSError as e:
+        raise DataError(f"cannot read --config {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"--config {path} is not valid JSON: {e}") from None
+    entries = [entries] if isinstance(entries, dict) else entries
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise DataError(f"--config {path} must hold a configuration (a JSON object) or a non-empty list of them")
+    candidates = []
+    for i, entry in enumerate(entries):
+        number, val_acc = entry.get("number"), entry.get("val_acc")
+        if "params" in entry:  # a top3.json entry: its full config (stage 1's schedule), Optuna's params on top
+            d = {**(entry.get("config") or {}), **entry["params"]}
+        else:
+            d, number, val_acc = entry, None, None
+            scheduled = [k for k in SCHEDULE_FLAGS if k in d]  # the flags' values would override it silently
+            if scheduled:
+                raise DataError(f"--config {path}, configuration {i}: {', '.join(scheduled)} is set by "
+                                f"{', '.join(SCHEDULE_FLAGS[k] for k in scheduled)} for every model, not by the file; "
+                                f"remove it from the file")
+        unknown = sorted(set(d) - set(CONFIG_KEYS))
+        if unknown:
+            keys = [k for k in CONFIG_KEYS if k not in SCHEDULE_FLAGS]
+            hints = "".join(f" (did you mean {c[0]}?)" for k in unknown for c in [closest(k, keys)] if c)
+            raise DataError(f"--config {path}, configuration {i}: unknown key(s) {', '.join(unknown)}{hints}; "
+                            f"known keys: {', '.join(keys)}")
+        try:
+            cfg = stage2_config(d, args, from_study="params" in entry)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"--config {path}, configuration {i}: {e}") from None
+        name = f"trial_{number:04d}" if isinstance(number, int) else f"config_{i}"
+        name = name if name not in {c.name for c in candidates} else f"config_{i}"
+        origin = f" (stage-1 trial {number})" if isinstance(number, int) else ""
+        candidates.append(Candidate(name, cfg, f"configuration {i} of {path}{origin}", val_acc))
+    return candidates
+
+
+def queue_models(study: optuna.Study, candidates: list):
+    """Enqueue each model that no trial of the study has in hand (waiting, running) or done with its configuration."""
+    for c in candidates:
+        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("model") == c.name]
+        done = [t for t in mine if t.state == TrialState.COMPLETE]
+        if done and done[-1].user_attrs["config"] != c.config.to_dict():
+            raise DataError(f"{c.name} was trained with another configuration than {c.source}; pass --fresh to "
+                            f"start it over, or --results to write elsewhere")
+        if done:
+            tqdm.write(f"{c.name}: already trained and tested (--fresh trains it again)")
+        elif not any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in mine):
+            study.enqueue_trial({}, user_attrs={"model": c.name, "config": c.config.to_dict(), "source": c.source,
+                                                "stage1_val_acc": c.stage1_val_acc})
+
+
+# ----------------------------------------------------------------------------- training and testing one model
+
+
+@dataclass
+class Progress(Worker):
     """What one stage-2 process carries from model to model."""
-    deadline: float | None = None  # --time-limit's end, time.monotonic()
     last_epoch_s: float | None = None  # the latest epoch's wall time: the next model's first epoch is judged by it
     epochs_trained: int = 0  # by this process, over all its models
-    warmup_noted: bool = False  # warmup_note said once already
+    current: int | None = None  # the trial this process runs, or ran last
+    stopped_for_time: StoppedForTime | None = None  # what --time-limit cut, in words
 
 
-def train_model(c: Candidate, splits, args, device, run_dir: str, progress: Progress) -> dict:
-    """Train (or resume, or skip if done) one model; return its training summary."""
+def train_and_test(trial: optuna.Trial, storage, args, splits, ds, device, out_dir: str, w: Progress) -> float:
+    """The objective of a stage-2 trial: train (or resume) its model, test its best.pt, keep its report row."""
+    w.current = trial.number
+    if "model" not in trial.user_attrs:  # workers raced for the last waiting model and this one lost
+        raise optuna.TrialPruned("no model was left waiting")
+    name, cfg = trial.user_attrs["model"], TrainConfig.from_dict(trial.user_attrs["config"])
+    trial.set_user_attr("host", socket.gethostname())  # who trains it, for the log line of its retry
+    trial.set_user_attr("pid", os.getpid())
+    run_dir = os.path.join(out_dir, name)
     last, best = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
-    os.makedirs(run_dir, exist_ok=True)
-    cfg, s = c.config, splits
-    trainer = Trainer(cfg, s.train_images, s.train_labels, s.val_images, s.val_labels, device, amp=args.amp,
-                      compile=args.compile, stop_check=check_stop)
+    trainer = Trainer(cfg, splits.train_images, splits.train_labels, splits.val_images, splits.val_labels, device,
+                      amp=args.amp, compile=args.compile, stop_check=check_stop, progress=not w.index)
     if os.path.isfile(last) and not args.fresh:  # one this run cannot continue is refused, never overwritten
-        load_into(trainer, last, again="pass --fresh to start it over (its checkpoints are deleted), or --results to "
-                                       "write elsewhere", other_config=lambda: _other_config(c, last))
-    else:
-        clear_run(run_dir)  # a run from scratch must not inherit the curves or checkpoints of an older one
+        load_into(trainer, last, again="pass --fresh to start it over (its checkpoints are deleted), or --results "
+                                       "to write elsewhere")
+    else:  # from scratch: no curves or checkpoints of an older run
+        for f in os.listdir(run_dir) if os.path.isdir(run_dir) else ():
+            if f in RUN_OUTPUTS or f.startswith("events.out.tfevents"):
+                os.remove(os.path.join(run_dir, f))
     if trainer.epoch == 0 or not os.path.isfile(os.path.join(run_dir, "config.json")):
-        write_json(os.path.join(run_dir, "config.json"), {"model": c.name, "source": c.source,
-                   "stage1_val_acc": c.stage1_val_acc, "config": cfg.to_dict(), "code_version": code_version()})
-
-    done = trainer.epoch >= cfg.epochs or trainer.stopped_early
-    if not done and not trainer.replays_exactly:  # a finished run trains no more: nothing for the note to warn of
-        tqdm.write(f"note: {last} was written on another kind of device, whose random stream cannot carry over "
-                   f"here: the run goes on, but not exactly as an uninterrupted one would have")
-    if done:
-        tqdm.write(f"{c.name}: already trained ({epochs_phrase(trainer.epoch)}); evaluating only")
+        write_json(os.path.join(run_dir, "config.json"), {**{k: trial.user_attrs[k] for k in MODEL_ATTRS},
+                                                          "code_version": code_version()})
+    for record in trainer.history:  # the dashboard's curve of a resumed model starts at epoch 1
+        trial.report(record["val_acc"], record["epoch"])
+    if trainer.finished:
+        tqdm.write(f"{name}: already trained ({epochs_phrase(trainer.epoch)}); evaluating only")
+    elif trainer.epoch:
+        tqdm.write(f"{name}: resuming after epoch {trainer.epoch} of {cfg.epochs} (best val acc "
+                   f"{100 * trainer.best_acc:.2f} % at epoch {trainer.best_epoch})"
+                   + ("" if trainer.replays_exactly else "; its last.pt was written on another kind of device, whose "
+                      "random stream cannot carry over: not exactly as an uninterrupted run would go on"))
     else:
-        if trainer.epoch:
-            tqdm.write(f"{c.name}: resuming after epoch {trainer.epoch} of {cfg.epochs} "
-                       f"(best val acc {100 * trainer.best_acc:.2f} % at epoch {trainer.best_epoch})")
-        else:
-            tqdm.write(f"{c.name}: training from scratch, at most {epochs_phrase(cfg.epochs)} on {len(s.train_images)} "
-                       f"images, early stopping on {len(s.val_images)} (patience {cfg.patience}), on {device}")
-            note = warmup_note(cfg)
-            if note and not progress.warmup_noted:  # once per process: every model has the same schedule
-                progress.warmup_noted = True
-                tqdm.write(f"{c.name}: {note}")
-        tensorboard = TensorBoardLogger(run_dir)
-        first_epoch = trainer.epoch
+        tqdm.write(f"{name}: training from scratch, at most {epochs_phrase(cfg.epochs)} on {len(splits.train_images)} "
+                   f"images, early stopping on {len(splits.val_images)} (patience {cfg.patience}), on {device}")
+        if warmup_note(cfg) and not w.epochs_trained:
+            tqdm.write(f"{name}: {warmup_note(cfg)}")
+    tensorboard, first_epoch = TensorBoardLogger(run_dir), trainer.epoch
 
-        def on_epoch(t: Trainer, record: dict):
-            progress.epochs_trained += 1
-            state = t.state_dict()
-            # best.pt before last.pt: a kill between the two then replays this epoch rather than
-            # leaving a last.pt whose best epoch has no best.pt.
-            if record["is_best"]:
-                save_checkpoint(state, best)
-            save_checkpoint(state, last)
-            tensorboard(t, record)
-            tqdm.write(epoch_line(c.name, record, t.history, cfg.epochs))
+    def on_epoch(t: Trainer, record: dict):
+        w.epochs_trained += 1
+        if record["is_best"]:  # best.pt before last.pt: a kill between the two replays this epoch
+            save_checkpoint(t.state_dict(), best)
+        save_checkpoint(t.state_dict(), last)
+        tensorboard(t, record)
+        tqdm.write(epoch_line(name, record, t.history, cfg.epochs))
+        through_a_restart(storage, trial.report, record["val_acc"], record["epoch"])
 
-        try:
-            # A model's first epoch is judged by the last model's: the best guess there is.
-            trainer.fit(on_epoch, deadline=progress.deadline, epoch_estimate_s=progress.last_epoch_s)
-            if trainer.history:
-                progress.last_epoch_s = trainer.history[-1].get("epoch_s")
-        except Diverged as e:
-            # Keep going: best.pt, from before the divergence, is still a model worth testing.
-            tqdm.write(f"{c.name}: {e}; evaluating its best checkpoint")
-            return _summary(c, trainer, run_dir, failure=str(e))
-        finally:
-            tensorboard.close()
-        if trainer.stopped_for_time:
-            if not progress.epochs_trained:
-                final = trainer.history[-1] if trainer.history else {}
-                raise nothing_fits(f"{c.name}: ", final.get("epoch_s", final.get("epoch_time")))
-            if trainer.epoch == first_epoch:
-                raise StoppedForTime(f"{c.name} not started: its first epoch would not end within the time limit")
-            raise StoppedForTime(f"{c.name} stopped for the time limit after epoch {trainer.epoch} of {cfg.epochs} "
-                                 f"(best val acc {100 * trainer.best_acc:.2f} % at epoch {trainer.best_epoch}); "
-                                 f"its last.pt holds everything a resume needs")
+    failure = ""
+    try:
+        trainer.fit(on_epoch, deadline=w.deadline, epoch_estimate_s=w.last_epoch_s)
+    except Diverged as e:  # best.pt, from before the divergence, is still a model worth testing
+        failure = str(e)
+        tqdm.write(f"{name}: {e}; evaluating its best checkpoint")
+    finally:
+        tensorboard.close()
+        w.last_epoch_s = trainer.history[-1]["epoch_s"] if trainer.history else w.last_epoch_s
+    if trainer.stopped_for_time:
+        w.stopped_for_time = nothing_fits(f"{name}: ", w.last_epoch_s) if not w.epochs_trained else StoppedForTime(
+            f"{name} stopped for the time limit after epoch {trainer.epoch} of {cfg.epochs}"
+            + (f" (best val acc {100 * trainer.best_acc:.2f} % at epoch {trainer.best_epoch})"
+               if trainer.epoch > first_epoch else " (not one epoch of it fitted)")
+            + "; its last.pt holds everything a resume needs")
+        raise w.stopped_for_time
     why = (f"stopped early: no better validation accuracy for {epochs_phrase(cfg.patience)}" if trainer.stopped_early
            else f"ran all {epochs_phrase(cfg.epochs)}")
-    tqdm.write(f"{c.name}: {epochs_phrase(trainer.epoch)}, {why}; best val acc {100 * trainer.best_acc:.2f} % "
-               f"at epoch {trainer.best_epoch}")
-    return _summary(c, trainer, run_dir)
-
-
-def _summary(c: Candidate, trainer: Trainer, run_dir: str, failure: str = "") -> dict:
+    tqdm.write(f"{name}: {epochs_phrase(trainer.epoch)}, {why}; best val acc {100 * trainer.best_acc:.2f} % at epoch "
+               f"{trainer.best_epoch}")
     plot_curves(trainer.history, os.path.join(run_dir, "curves.png"),
-                f"{c.name}: best val acc {100 * trainer.best_acc:.2f} % at epoch {trainer.best_epoch}")
-    return {**_row(c), "epochs_run": trainer.epoch, "stopped_early": trainer.stopped_early, "failure": failure}
-
-
-def _row(c: Candidate) -> dict:
-    return {"model": c.name, "source": c.source, "config": c.config.to_dict(), "stage1_val_acc": c.stage1_val_acc,
-            "max_epochs": c.config.epochs}
-
-
-def train_and_test(c: Candidate, splits, ds, args, device, run_dir: str, progress: Progress | None = None):
-    """Train one model, test its best checkpoint, and mark it done with its report row."""
-    row = train_model(c, splits, args, device, run_dir, progress or Progress())
-    best = os.path.join(run_dir, "best.pt")
-    if os.path.isfile(best):
+                f"{name}: best val acc {100 * trainer.best_acc:.2f} % at epoch {trainer.best_epoch}")
+    row = {**_row(trial.user_attrs), "epochs_run": trainer.epoch, "stopped_early": trainer.stopped_early,
+           "failure": failure}
+    if os.path.isfile(best):  # the one place the test images are read, after the model's training
         m = evaluate_checkpoint(best, ds, device)
         row.update(test_row(m, run_dir))
-        log_hparams(run_dir, {**c.config.to_dict(), "model": c.name},
-                    {"test_acc": m["accuracy"], "best_val_acc": m["val_acc"], "epochs_run": row["epochs_run"]})
-        tqdm.write(f"{c.name}: test accuracy {100 * m['accuracy']:.2f} % (best val acc {100 * m['val_acc']:.2f} %), "
+        log_hparams(run_dir, {**cfg.to_dict(), "model": name},
+                    {"test_acc": m["accuracy"], "best_val_acc": m["val_acc"], "epochs_run": trainer.epoch})
+        tqdm.write(f"{name}: test accuracy {100 * m['accuracy']:.2f} % (best val acc {100 * m['val_acc']:.2f} %), "
                    f"macro F1 {100 * m['macro']['f1']:.2f} %")
-    # Last: a worker killed before this line leaves the model to the next one, which resumes it.
-    write_json(os.path.join(run_dir, DONE), {**row, "finished_at": time.time(), "worker": process_identity()})
+    trial.set_user_attr("row", row)
+    return max(trainer.best_acc, 0.0)
+
+
+def _row(attrs: dict) -> dict:
+    return {"model": attrs["model"], "source": attrs["source"], "config": attrs["config"],
+            "stage1_val_acc": attrs["stage1_val_acc"], "max_epochs": attrs["config"]["epochs"]}
+
+
+def rows_of(study: optuna.Study | None, candidates: list, out_dir: str) -> list:
+    """Each model's report row: its trial's, once tested, or how far its last.pt has got."""
+    rows = []
+    for c in candidates:
+        done = [t for t in (study.get_trials(deepcopy=False) if study else ())
+                if t.state == TrialState.COMPLETE and t.user_attrs.get("model") == c.name]
+        if done:
+            rows.append(done[-1].user_attrs["row"])
+            continue
+        last, epochs, planned = os.path.join(out_dir, c.name, "last.pt"), 0, c.config.epochs
+        if os.path.isfile(last):
+            try:  # the run's own schedule, which --report-only's flags need not repeat
+                state = load_checkpoint(last)
+                epochs, planned = state["epoch"], state["config"].get("epochs", planned)
+            except DataError:
+                pass  # said when a worker meets it
+        rows.append({**_row({"model": c.name, "source": c.source, "config": c.config.to_dict(),
+                             "stage1_val_acc": c.stage1_val_acc}), "epochs_run": epochs, "stopped_early": False,
+                     "failure": "", "max_epochs": planned,
+                     "unfinished": f"not finished yet ({epochs} of {epochs_phrase(planned)} in last.pt)"})
+    return rows
 
 
 # ----------------------------------------------------------------------------- command line
@@ -189,115 +291,136 @@ def parse_args(argv=None):
                        help="retrain these stage-1 trials by number instead of the top k (default: the top k)")
     which.add_argument("--config", metavar="FILE.json", default=None,
                        help="retrain the configuration(s) in this JSON file (one object or a list, or whole "
-                            "top3.json entries); no study needed. Keys: "
+                            "top3.json entries); no stage-1 study needed. Keys: "
                             + ", ".join(k for k in CONFIG_KEYS if k not in SCHEDULE_FLAGS)
                             + " (configs/seed_best.json has them all; missing ones take the defaults; epochs, "
                               "patience and the subset come from the flags) (default: none)")
-    p.add_argument("--top-k", type=int, default=3, help="completed stage-1 trials to retrain, best first (default: 3)")
-    p.add_argument("--epochs", type=int, default=120, help="most epochs per model (default: 120)")
-    p.add_argument("--patience", type=int, default=15,
+    p.add_argument("--top-k", type=positive(int), default=3, help="completed stage-1 trials to retrain, best first "
+                                                                  "(default: 3)")
+    p.add_argument("--epochs", type=positive(int), default=120, help="most epochs per model (default: 120)")
+    p.add_argument("--patience", type=positive(int), default=15,
                    help="stop a model after this many epochs without a better validation accuracy (default: 15)")
     p.add_argument("--fresh", action="store_true",
-                   help="start every model over instead of continuing from its last.pt or skipping it when done "
-                        "(models other workers finish after this one started are kept)")
+                   help="start every model over: the stage-2 study and the models' checkpoints are deleted (give "
+                        "it to one worker, and start the others after it)")
     p.add_argument("--report-only", action="store_true",
-                   help="train nothing: rebuild report.md from the models' folders as they are now")
+                   help="train nothing: rebuild report.md from the study and the models' folders as they are now")
     add_common_flags(p, results_help="output folder: reads stage 1's study there, writes RESULTS/stage2/ "
                                      "(default: results)",
-                     storage_help="stage 1's Optuna storage: an RDB URL or a journal file path "
-                                  "(default: sqlite:///RESULTS/stage1.db)")
-    p.add_argument("--study-name", default="vit-cifar10",
-                   help="stage 1's study name in the storage (default: vit-cifar10)")
-    p.add_argument("--subset", type=float, default=1.0,
+                     storage_help="the Optuna storage of stage 1's study, which stage 2's study joins: an RDB URL, "
+                                  "the same on every machine, or a journal file path (no heartbeat there: a killed "
+                                  "worker's model is not retried) (default: sqlite:///RESULTS/stage1.db)")
+    p.add_argument("--study-name", default="vit-cifar10", help="stage 1's study name in the storage; stage 2's is "
+                                                               "it with -stage2 (default: vit-cifar10)")
+    p.add_argument("--subset", type=positive(float, at_most=1.0), default=1.0,
                    help="share of the 45,000 training images each model trains on, stratified, as stage 1's --subset; "
                         "for a quick look at the whole pipeline (default: 1.0, all of them)")
     p.add_argument("--amp", choices=AMP_MODES, default="auto", help=AMP_HELP)
     p.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES, help=COMPILE_HELP)
-    add_time_limit(p)
+    add_worker_flags(p, "model")
     add_recipe_flags(p, LONG_RECIPE, "the long-schedule recipe, over a stage-1 trial's; a --config file's own keys "
                                      "win over it")
     args = p.parse_args(argv)
-    recipe_overrides(args, p)
-    check_positive(p, args, ("top_k", "epochs", "patience"))
+    recipe_overrides(vars(args), p.error)
     if args.report_only and args.fresh:
         p.error("--report-only trains nothing, so --fresh has nothing to start over")
     if args.trials is not None and min(args.trials) < 0:
         p.error(f"--trials takes trial numbers (0 or more), got {min(args.trials)}")
-    if not 0.0 < args.subset <= 1.0:
-        p.error(f"--subset must be in (0, 1], got {args.subset}")
-    default_storage(args)
     return args
 
 
-def run(args, ds=None) -> list:
-    """Train and test every chosen model that no other worker has taken or finished, then report
-    them all if none is left; `ds` (tests) replaces CIFAR-10. Returns every model's row, as far as it got."""
-    started = time.time()
-    limit = getattr(args, "time_limit", None)
-    progress = Progress(deadline=None if limit is None else time.monotonic() + limit)
-    device = None if args.report_only else resolve_device(args.device)
+def run(args, ds=None, worker: Worker | None = None) -> list:
+    """Train and test every waiting model, then report them all if none is left; `ds` (tests) replaces CIFAR-10.
+    Returns every model's row, as far as it got."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    limit = None if args.time_limit is None else time.monotonic() + args.time_limit
+    w = Progress(**vars(worker)) if worker else Progress(deadline=limit)
+    url = storage_url(args.storage, args.results)
+    # The parent of --jobs' workers leaves the devices to them: it must not initialise CUDA.
+    parent = args.jobs > 1 and not w.index
+    device = None if args.report_only or parent else resolve_device(worker_device(args.device, w.index - 1)
+                                                                    if w.index else args.device)
+    if args.config is None and url.startswith("sqlite:///") and not os.path.isfile(url[len("sqlite:///"):]):
+        raise StorageError(f"no stage-1 storage at {url[len('sqlite:///'):]}; run stage1_search.py first, point "
+                           f"--storage (or --results) at its output, or pass --config")
+    out_dir, name = os.path.join(args.results, "stage2"), f"{args.study_name}-stage2"
+    storage = None if args.config else open_storage(url, args.heartbeat)
     # Configurations first: a missing study should fail in a second, not after loading the data.
-    candidates = candidates_from_file(args.config, args) if args.config else candidates_from_study(args)
-    out_dir = os.path.join(args.results, "stage2")
-    run_dirs = {c.name: os.path.join(out_dir, c.name) for c in candidates}
+    candidates = candidates_from_file(args.config, args) if args.config else candidates_from_study(args, storage, url)
+    if not args.report_only:  # every check before the stage-2 study is touched: bad input changes nothing
+        check_writable(out_dir)
+        if ds is None:  # a mistyped --data-dir or a damaged file fails here, naming it
+            folder = find_cifar10(args.data_dir, download=not args.no_download)
+            if not w.index and not os.path.isfile(os.path.join(folder, TEST_FILE)):
+                tqdm.write(f"note: {folder} has no {TEST_FILE}: the models train without it (they never read it), "
+                           f"and their test waits until it is there; this same command then tests them")
+            if not parent:  # the test images are read when a model is tested
+                ds = load_cifar10(args.data_dir, download=not args.no_download, test=False)
+    storage = storage or open_storage(url, args.heartbeat)
+    try:
+        if args.fresh and not w.index and name in optuna.study.get_all_study_names(storage):
+            optuna.delete_study(study_name=name, storage=storage)
+        exists = name in optuna.study.get_all_study_names(storage)
+        study = None if args.report_only and not exists else optuna.create_study(
+            study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+    except Exception as e:  # RDB storages may connect lazily: a server that went away fails here
+        raise storage_error(url, e) from None
     if args.report_only:
-        rows = [row_from_disk(c, run_dirs[c.name]) for c in candidates]
-        write_report(rows, out_dir, args)
+        rows = rows_of(study, candidates, out_dir)
+        write_stage2_report(rows, out_dir, args.subset, args.patience)
         tqdm.write(f"report of {len(rows)} model(s), {sum('unfinished' not in r for r in rows)} of them finished, "
                    f"in {os.path.join(out_dir, 'report.md')}")
         return rows
-    check_writable(out_dir)
-    if ds is None:  # before any model is claimed: a mistyped --data-dir fails here, naming the folder
-        folder = find_cifar10(args.data_dir, download=not args.no_download)
-        if not os.path.isfile(os.path.join(folder, TEST_FILE)):
-            tqdm.write(f"note: {folder} has no {TEST_FILE}: the models train without it (they never read it), and "
-                       f"their test waits until it is there; this same command then tests them")
-    tqdm.write(f"stage 2: {len(candidates)} model(s): {', '.join(c.name for c in candidates)}")
-    fresh_since = started if args.fresh else None
-    todo = []
-    for c in candidates:
-        if finished(c, run_dirs[c.name], fresh_since) is None:
-            todo.append(c)
-        else:
-            tqdm.write(f"{c.name}: already trained and tested; skipping it (delete its {DONE} to test it again)")
-    if todo:
-        if ds is None:
-            ds = load_cifar10(args.data_dir, download=not args.no_download, test=False)  # read when tested
+    if not w.index:
+        study.set_metric_names(["val_acc"])
+        queue_models(study, candidates)
+        tqdm.write(f"stage 2: {len(candidates)} model(s): {', '.join(c.name for c in candidates)}")
+    waiting = lambda: study.get_trials(deepcopy=False, states=(TrialState.WAITING,))  # noqa: E731
+    optuna.storages.fail_stale_trials(study)  # a model whose worker stopped beating: queued again now
+    stop = None
+    if parent:
+        stop = run_workers(_run_main, args, ds, w, "stage2-worker")
+    elif waiting():
         splits = train_val_splits(ds, subset_ratio=args.subset, device=device)
-    for c in todo:
-        check_stop()  # a Ctrl-C or SIGTERM during the last model's test: start no other
-        run_dir = run_dirs[c.name]
-        holder = take_claim(run_dir)
-        if holder is not None:
-            tqdm.write(f"{c.name}: being trained by {holder}; leaving it to that worker")
-            continue
-        try:
-            # Checked again under the claim: another worker may have finished it since the list was made.
-            if finished(c, run_dir, fresh_since) is None:
-                train_and_test(c, splits, ds, args, device, run_dir, progress)
-        finally:
-            release_claim(run_dir)
-    rows = [row_from_disk(c, run_dirs[c.name]) for c in candidates]
-    waiting = [r["model"] for r in rows if "unfinished" in r]
-    if waiting:
-        # Every worker marks its models done before it looks here, so the last one to finish sees none left.
-        tqdm.write(f"stage 2: {', '.join(waiting)} not finished yet: other workers are on them (if one has died, "
-                   f"start a worker again to resume its model); the last worker to finish writes report.md, or run "
-                   f"with --report-only")
+        stop = optimize(study, lambda t: train_and_test(t, storage, args, splits, ds, device, out_dir, w),
+                        lambda: w.current, [lambda s, t: None if waiting() and stop_requested() is None else s.stop()],
+                        keep=MODEL_ATTRS)
+    if stop == "interrupted":
+        raise Interrupted(stop_requested() or signal.SIGINT)
+    if stop == "time":
+        raise w.stopped_for_time or StoppedForTime("stopped for the time limit; each model's last.pt holds its last "
+                                                   "finished epoch")
+    if stop == "failed":
+        raise ResultsError("a worker stopped with an error (its line is above); every model's last.pt is kept: run "
+                           "the same command to continue")
+    rows = rows_of(study, candidates, out_dir)
+    unfinished = [r["model"] for r in rows if "unfinished" in r]
+    if w.index:
+        pass  # the parent reports for its workers
+    elif unfinished:
+        tqdm.write(f"stage 2: {', '.join(unfinished)} not finished yet: other workers are on them (if one has died, "
+                   f"its model is retried once its heartbeat is 2 intervals old); the last worker to finish writes "
+                   f"report.md, or run with --report-only")
     else:
-        write_report(rows, out_dir, args)
+        write_stage2_report(rows, out_dir, args.subset, args.patience)
         tqdm.write(f"done: report in {os.path.join(out_dir, 'report.md')}")
     return rows
+
+
+def _run_main(args, ds=None, argv=None, worker: Worker | None = None) -> int:
+    url = storage_url(args.storage, args.results)
+    return run_main(lambda: storage_lost_in_one_line(url, lambda: run(args, ds, worker)),
+                    script=None if worker else "stage2_final.py", argv=argv, redact=redact_url,
+                    kept="each model's last.pt and best.pt keep its last finished epoch: free some space (or "
+                         "fix --results) and run the same command again",
+                    interrupted=None if worker else "interrupted: each model's last.pt holds its last finished "
+                                                    "epoch; run the same command to continue from there")
 
 
 def main(argv=None, ds=None):
     args = parse_args(argv)
     with stop_handlers():
-        code = run_main(lambda: run(args, ds), script="stage2_final.py", argv=argv, redact=redact_url,
-                        kept="each model's last.pt and best.pt keep its last finished epoch: free some space (or "
-                             "fix --results) and run the same command again",
-                        interrupted="interrupted: each model's last.pt holds its last finished epoch; run the same "
-                                    "command to continue from there")
+        code = _run_main(args, ds, argv=argv)
     if code:
         sys.exit(code)
 

@@ -1,9 +1,8 @@
 """The one training loop both stages share: model, optimizer, schedule, precision, epochs, early stopping.
 
-Stage 1 adds pruning through `on_epoch`; stage 2 adds checkpoints, TensorBoard and reports the
-same way. Everything a run needs to continue exactly lives in `Trainer.state_dict()`, its random
-generators included: each Trainer draws from its own, never from torch's global RNG, so that runs
-side by side (threads, or a test) cannot move each other's streams.
+Stage 1 adds pruning through `on_epoch`; stage 2 adds checkpoints, TensorBoard and reports the same way.
+Everything a run needs to continue exactly lives in `Trainer.state_dict()`, its random generators included: each
+Trainer draws from its own, never from torch's global RNG, so that runs side by side cannot move each other's.
 """
 
 import ctypes
@@ -34,7 +33,6 @@ class TrainConfig:
     # shorter ablations that preferred otherwise measured 10- and 30-epoch budgets only.
     drop_path: float = 0.1  # stochastic depth of the last block (the seed's; 0 was better at 10 epochs only)
     pool: str = "cls"  # the head reads the paper's class token; "mean" (of the patch tokens) cost 1.3 points
-    # optimisation
     optimizer: str = "adamw"  # "adamw" or "sgd" (with Nesterov momentum 0.9)
     lr: float = 5.8e-4  # peak learning rate, reached after warmup (SGD: times sgd_lr_scale)
     sgd_lr_scale: float = 100.0  # SGD's lr = lr x this: the searched 1e-5..1e-3 becomes 1e-3..0.1, SGD's range
@@ -57,7 +55,6 @@ class TrainConfig:
     erase_aspect: tuple[float, float] = (0.3, 3.3)  # its height / width, drawn log-uniformly (timm's)
     epochs: int = 20  # the schedule's length; early stopping may end sooner
     patience: int = 6  # epochs without a better validation accuracy before stopping
-    # data
     subset_ratio: float = 1.0  # share of the 45,000 training images used (stage 1 proxies: 0.2)
     seed: int = 0  # seeds the split, the init, the shuffling and the augmentation
 
@@ -66,10 +63,9 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.scheduler not in ("cosine", "step"):
             raise ValueError(f"scheduler must be 'cosine' or 'step', got {self.scheduler!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not self.sgd_lr_scale > 0:
-            raise ValueError(f"sgd_lr_scale must be positive, got {self.sgd_lr_scale}")
+        for name in ("lr", "sgd_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0.0 <= self.drop_path < 1.0:
@@ -96,10 +92,8 @@ class TrainConfig:
         self.vit_config()  # the model's own checks, raised now rather than mid-run
 
     def vit_config(self) -> ViTConfig:
-        return ViTConfig(
-            patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
-            num_heads=self.num_heads, drop_path=self.drop_path, pool=self.pool,
-        )
+        return ViTConfig(patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
+                         num_heads=self.num_heads, drop_path=self.drop_path, pool=self.pool)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -108,7 +102,7 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict:
-        # Ranges as lists: what JSON gives back, so that a config.json or done.json compares equal to it.
+        # Ranges as lists: what JSON gives back, so that a config.json or a trial's attributes compare equal to it.
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
@@ -117,7 +111,7 @@ ADDED_OFF_FIELDS = ("cutmix_alpha", "mix_prob", "switch_prob", "erase_prob", "er
 
 
 def with_defaults(config: dict) -> dict:
-    """A configuration stored before ADDED_OFF_FIELDS existed (a checkpoint's, a done.json's) as to_dict() gives
+    """A configuration stored before ADDED_OFF_FIELDS existed (a checkpoint's, a study's) as to_dict() gives
     it today, so that such a run continues and counts as the same configuration. Other missing keys stay
     missing: an older field's default may differ from what its absence meant (sgd_lr_scale's 100 was 1)."""
     defaults = TrainConfig().to_dict()
@@ -180,22 +174,21 @@ def recipe_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def recipe_overrides(args, parser=None) -> dict:
-    """The recipe fields given on the command line, as TrainConfig keyword arguments.
-
-    With a parser, impossible values (--label-smoothing 1.5) end as its one-line usage error.
-    """
-    overrides = {name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name, None) is not None}
-    if parser is not None:
-        for name, value in overrides.items():  # one at a time, so that the line names the flag at fault
+def recipe_overrides(flags: dict, error=None) -> dict:
+    """The recipe fields among a command line's values (vars(args)) that were given, as TrainConfig keyword
+    arguments. With error (parser.error), impossible values (--label-smoothing 1.5) end as its one-line usage
+    error, naming the flag at fault."""
+    overrides = {name: flags[name] for name in RECIPE_FLAGS if flags.get(name) is not None}
+    if error is not None:
+        for name, value in overrides.items():
             try:
                 TrainConfig(**{name: value})
             except ValueError as e:
-                parser.error(f"{recipe_flag(name)}: {e}")
+                error(f"{recipe_flag(name)}: {e}")
         try:
             TrainConfig(**overrides)
         except ValueError as e:
-            parser.error(str(e))
+            error(str(e))
     return overrides
 
 
@@ -205,12 +198,8 @@ class Diverged(RuntimeError):
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
+        mps = getattr(torch.backends, "mps", None)
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps is not None and mps.is_available() else "cpu"
     return torch.device(name)
 
 
@@ -225,21 +214,17 @@ def resolve_amp(device: torch.device, amp: str = "auto") -> torch.dtype | None:
     """The autocast dtype of the training steps, or None for float32."""
     if amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        # is_bf16_supported() alone says yes on a T4 or V100 too, through emulation slower than fp32.
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.bfloat16 if native else torch.float16
+    if amp == "auto" and device.type != "cuda":
+        return None
+    if amp == "auto":  # is_bf16_supported() alone says yes on a T4 or V100 too, through emulation slower than fp32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
 def validation_amp(device: torch.device, amp_dtype: torch.dtype | None) -> torch.dtype | None:
-    """The autocast dtype of each epoch's validation: the training's on a CUDA GPU, else None (float32).
-
-    On a GPU a float32 validation of a patch-2 shape costs about as much as a bf16 training epoch, and it only
-    ranks epochs (early stopping, the best one); the test, the figure reported, stays float32 (docs/speed.md).
-    Elsewhere amp is off unless asked for, and a CPU's bf16 is emulated: float32 costs nothing there."""
+    """The autocast dtype of each epoch's validation: the training's on a CUDA GPU, where a float32 validation of a
+    patch-2 shape costs about a bf16 training epoch just to rank epochs (the test stays float32: docs/speed.md);
+    else None (float32): elsewhere amp is off unless asked for, and a CPU's bf16 is emulated."""
     return amp_dtype if device.type == "cuda" else None
 
 
@@ -251,13 +236,10 @@ COMPILE_HELP = ("torch.compile the model: --compile alone is torch's default mod
 
 
 class RunRandom:
-    """A run's own random streams, so that nothing else in the process can move them.
-
-    device: on the training device (shuffling, crops, flips, random erasing, drop-path, the mixing
-    partners); host: a CPU generator (RandAugment's op choices: host-side, so a GPU never syncs for
-    them); python: the mixing's per-batch draws (whether and how to mix, lambda, CutMix's box). On a
-    CPU run device and host are two generators of the same kind, seeded apart. (The model's init has a generator of its own, used once.)
-    """
+    """A run's own random streams, so that nothing else in the process can move them. device: on the training
+    device (shuffling, crops, flips, random erasing, drop-path, the mixing partners); host: on the CPU
+    (RandAugment's op choices, so a GPU never syncs for them; seeded apart, as on a CPU run both are CPU
+    generators); python: the mixing's per-batch draws. The model's init has a generator of its own."""
 
     def __init__(self, seed: int, device: torch.device):
         self.device_type = device.type
@@ -293,10 +275,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or name in ("cls_token", "pos_embed") else decay).append(p)
+    weight_decay = cfg.weight_decay if cfg.optimizer == "adamw" else cfg.weight_decay / 10
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay / 10}, {"params": no_decay, "weight_decay": 0.0}]
     # The search draws one lr range for both optimizers; SGD needs about 100x AdamW's step size.
     return torch.optim.SGD(groups, lr=cfg.lr * cfg.sgd_lr_scale, momentum=0.9, nesterov=True, fused=fused)
 
@@ -323,16 +305,11 @@ def warmup_note(cfg: TrainConfig) -> str | None:
 
 
 def keep_freed_memory() -> bool:
-    """Let glibc keep freed memory for reuse instead of handing it back to the OS (Linux only).
-
-    A CPU training step frees and reallocates hundreds of MB of activations. By default glibc
-    unmaps big blocks and trims its heap once more than 64 MB is free at the top, so the next step
-    page-faults the same memory back in. Measured on 2 cores for the seed's best shape: 650-6,000
-    page faults a step (5-10 ms of kernel time, about 2 %) down to almost none. The setting is
-    process-wide, and memory once used stays with the process: the bench's stage-1 trial of the
-    largest shape peaked at 1,932-2,001 MB with it, 1,769-1,894 MB before (under 2.5 GB either way).
-    True if glibc took the settings.
-    """
+    """Let glibc keep freed memory for reuse instead of handing it back to the OS (Linux only); True if it took
+    the settings. A CPU step frees and reallocates hundreds of MB of activations, which glibc by default unmaps
+    or trims, so that the next step page-faults them back in: 650-6,000 faults a step (about 2 % of the time; 2
+    cores, the seed's best shape) down to almost none. Process-wide, and memory once used stays: the bench's
+    largest stage-1 trial peaked at 1,932-2,001 MB with it, 1,769-1,894 MB before."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -356,13 +333,9 @@ def eval_batch_size(device: torch.device, micro_batch: int | None = None) -> int
 
 
 def cpu_micro_batch(cfg: TrainConfig) -> int:
-    """Samples per forward/backward on a CPU, so that a stage-1 run stays under 2.5 GB of RAM.
-
-    Saved activations take about 128 bytes per token, channel and block (measured: 37 MB per
-    sample for patch 2, width 192, depth 6, i.e. 4.7 GB for a batch of 128). The seed's best
-    shape fits whole (5.5 MB per sample); the largest shapes run as a few micro-batches, which
-    costs nothing in speed on a CPU and gives the same gradients.
-    """
+    """Samples per forward/backward on a CPU, so that a stage-1 run stays under 2.5 GB of RAM. Saved activations
+    take about 128 bytes per token, channel and block (measured: 37 MB a sample for patch 2, width 192, depth 6).
+    The seed's best shape fits whole; the largest run as a few micro-batches: the same gradients, no slower."""
     vit = cfg.vit_config()
     per_sample = 128 * (vit.num_patches + 1) * vit.embed_dim * vit.depth
     return max(1, min(cfg.batch_size, CPU_ACTIVATION_BUDGET // per_sample))
@@ -395,13 +368,10 @@ def strict_float32():
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, loader: DeviceLoader, return_preds: bool = False, tta: bool = False,
              amp_dtype: torch.dtype | None = None):
-    """Mean loss and accuracy over every sample of the loader (and predictions and class probabilities,
-    if asked). tta adds "tta_acc": the accuracy of averaging each image's and its mirror's logits;
-    everything else stays the plain figure, from the same pass.
-
-    amp_dtype None (the default; the test's): float32 with TF32 off (strict_float32), whatever precision
-    trained the model, so that the test's figures depend on no precision shortcut. Else an autocast dtype:
-    a GPU's per-epoch validation, in the training's precision (validation_amp)."""
+    """Mean loss and accuracy over the loader (and predictions and class probabilities, if asked). tta adds
+    "tta_acc", from averaging each image's and its mirror's logits; all else stays the plain figure. amp_dtype
+    None (the test's): float32, TF32 off, so that the test depends on no precision shortcut; else an autocast
+    dtype (a GPU's per-epoch validation, in the training's precision: validation_amp)."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -429,9 +399,8 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, return_preds: bool = 
 
 
 class _LateValue:
-    """A device scalar divided by n, copied to the host without waiting: ready() once the copy is done.
-
-    The progress bar shows the loss of a few steps ago rather than making a GPU drain its queue for it."""
+    """A device scalar divided by n, copied to the host without waiting, ready() once copied: the progress bar
+    shows the loss of a few steps ago rather than making a GPU drain its queue for it."""
 
     def __init__(self, total: torch.Tensor, n: int):
         self.n = n
@@ -454,13 +423,12 @@ class _LateValue:
 class Trainer:
     """Holds a run's model, optimizer, schedule and early-stopping state; `fit` runs the epochs."""
 
-    def __init__(self, cfg: TrainConfig, train_images, train_labels, val_images, val_labels,
-                 device: torch.device, amp: str = "auto", fused: bool | None = None, compile: str | bool = "off",
-                 micro_batch: int | None = None, progress: bool = True, log_every_s: float = 30.0,
-                 stop_check=None):
-        # progress: a bar on a terminal; off a terminal (a log, a pipe) a line every log_every_s
-        # seconds instead, so that a log shows the run is alive long before the epoch ends.
-        # stop_check(): called after every step, raises to stop there (cli.check_stop: Ctrl-C, SIGTERM).
+    def __init__(self, cfg: TrainConfig, train_images, train_labels, val_images, val_labels, device: torch.device,
+                 amp: str = "auto", fused: bool | None = None, compile: str | bool = "off", progress: bool = True,
+                 log_every_s: float = 30.0, stop_check=None):
+        # progress: a bar on a terminal; off one (a log, a pipe) a line every log_every_s seconds instead, so that a
+        # log shows the run is alive long before the epoch ends. stop_check(): called after every step, raises to stop
+        # there (cli.check_stop: Ctrl-C, SIGTERM).
         self.cfg, self.device, self.progress, self.log_every_s = cfg, device, progress, log_every_s
         self.stop_check = stop_check or (lambda: None)
         self.amp_dtype = resolve_amp(device, amp)
@@ -494,7 +462,7 @@ class Trainer:
             torch._dynamo.reset()
         self.step_model = self.model if compile == "off" else torch.compile(self.model, mode=compile)
         self.optimizer = make_optimizer(self.model, cfg, fused=fused)
-        self.micro_batch = micro_batch or (cfg.batch_size if device.type != "cpu" else cpu_micro_batch(cfg))
+        self.micro_batch = cfg.batch_size if device.type != "cpu" else cpu_micro_batch(cfg)
         self.val_loader = DeviceLoader(val_images, val_labels, eval_batch_size(device, self.micro_batch), train=False)
         steps = len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg, steps))
@@ -506,17 +474,11 @@ class Trainer:
 
     # -- checkpoints: everything needed to continue exactly where a run stopped
     def state_dict(self) -> dict:
-        return {
-            "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "epoch": self.epoch,
-            "history": self.history,
-            "early_stopping": {"best_acc": self.best_acc, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs},
-            "rng": self.random.state_dict(),
-            "scaler": self.scaler.state_dict(),
-        }
+        es = {"best_acc": self.best_acc, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+        return {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "epoch": self.epoch, "history": self.history, "early_stopping": es,
+                "rng": self.random.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict):
         self.model.load_state_dict(state["model"])
@@ -537,8 +499,7 @@ class Trainer:
     def train_epoch(self) -> dict:
         model, cfg = self.step_model, self.cfg
         model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
+        loss_sum, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         seen, t0 = 0, time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
                    disable=None if self.progress else True, unit="batch")
@@ -589,19 +550,14 @@ class Trainer:
         return self.epoch >= self.cfg.epochs or self.stopped_early
 
     def fit(self, on_epoch=None, deadline: float | None = None, epoch_estimate_s: float | None = None) -> list:
-        """Train until cfg.epochs or early stopping. on_epoch(trainer, record) runs after each epoch
-        (stage 1 reports to Optuna and may raise TrialPruned; stage 2 saves checkpoints).
-
-        deadline (a time.monotonic() value): start no epoch that would end after it, judged by the
-        last epoch's wall time (training, validation and on_epoch), before the first by epoch_estimate_s
-        or the history's last epoch; with no estimate at all, one epoch runs. `stopped_for_time` then
-        says it stopped.
-        """
+        """Train until cfg.epochs or early stopping; on_epoch(trainer, record) runs after each epoch (stage 1 reports
+        to Optuna and may raise TrialPruned; stage 2 saves checkpoints). deadline (time.monotonic()): start no epoch
+        that would end after it, judged by the last epoch's wall time with on_epoch, before the first by
+        epoch_estimate_s or the history's last epoch (with neither, one epoch runs); `stopped_for_time` says so."""
         self.stopped_for_time = False
         last_epoch_s = epoch_estimate_s
         if last_epoch_s is None and self.history:
-            last = self.history[-1]
-            last_epoch_s = last.get("epoch_s", last["epoch_time"])
+            last_epoch_s = self.history[-1].get("epoch_s", self.history[-1]["epoch_time"])
         while not self.finished:
             if deadline is not None and last_epoch_s is not None and time.monotonic() + last_epoch_s > deadline:
                 self.stopped_for_time = True

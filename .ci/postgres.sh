@@ -1,7 +1,7 @@
 # A throwaway PostgreSQL server on 127.0.0.1 for the tests of workers on several machines
-# (tests/test_workers.py). Sourced by .ci/run; by hand:
+# (tests/test_stage1_workers.py). Sourced by .ci/run; by hand:
 #     . .ci/postgres.sh && start_test_postgres    # exports VIT_TEST_POSTGRES_URL
-#     ... python -m pytest tests/test_workers.py ...
+#     ... python -m pytest tests/test_stage1_workers.py ...
 #     stop_test_postgres
 # The password is random and never printed; the tests create a fresh database each.
 

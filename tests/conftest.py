@@ -2,6 +2,7 @@ import os
 import pickle
 import signal
 import subprocess
+import uuid
 
 import numpy as np
 import pytest
@@ -104,3 +105,33 @@ def signal_after(proc, line_start: str, sig) -> str:
             break
     rest = proc.communicate(timeout=300)[0].decode()
     return "".join(seen) + rest
+
+
+@pytest.fixture
+def new_postgres_database():
+    """Makes fresh databases on the server of VIT_TEST_POSTGRES_URL (a user allowed to create them),
+    so that no two tests or rounds share one; all are dropped afterwards."""
+    url = os.environ.get("VIT_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("VIT_TEST_POSTGRES_URL is not set: on CI, .ci/run must start the PostgreSQL server")
+        pytest.skip("VIT_TEST_POSTGRES_URL is not set (`. .ci/postgres.sh && start_test_postgres` starts a server)")
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
+    made = []
+
+    def make():
+        made.append(f"vit_test_{uuid.uuid4().hex[:12]}")
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f"CREATE DATABASE {made[-1]}"))
+        return sqlalchemy.engine.make_url(url).set(database=made[-1]).render_as_string(hide_password=False)
+    yield make
+    with admin.connect() as conn:
+        for name in made:
+            conn.execute(sqlalchemy.text(f"DROP DATABASE {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def postgres_url(new_postgres_database):
+    return new_postgres_database()

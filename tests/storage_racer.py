@@ -12,7 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import workers  # noqa: E402
+import stage1_search  # noqa: E402
+from storage import open_storage  # noqa: E402
 
 if __name__ == "__main__":
     gate, urls = sys.argv[1], sys.argv[2:]
@@ -20,4 +21,4 @@ if __name__ == "__main__":
         open(f"{gate}.{i}.{os.getpid()}", "w").close()
         with open(f"{gate}.{i}") as f:
             fcntl.flock(f, fcntl.LOCK_SH)
-        workers.make_study(workers.make_storage(url, heartbeat=5), "vit-cifar10", seed=0)
+        stage1_search.open_study(open_storage(url, heartbeat=5), url, "vit-cifar10", seed=0)

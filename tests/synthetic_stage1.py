@@ -62,7 +62,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     real_run = stage1_search.run
     stage1_search.suggest_config = cheapest_shape(stage1_search.suggest_config)
-    stage1_search.run = lambda args, splits=None: real_run(args, splits=synthetic_splits(n_train=128, n_val=64))
+    stage1_search.run = lambda args, splits=None, worker=None: real_run(args, synthetic_splits(n_train=128, n_val=64),
+                                                                        worker)
     if os.environ.get("START_BARRIER"):
         wait_at_barrier(os.environ["START_BARRIER"])
     if os.environ.get("HANG_IN_TRIAL"):

@@ -5,10 +5,10 @@ import re
 import pytest
 import torch
 
-import ablation
 import stage2_final
-from train import with_defaults
 from conftest import synthetic_splits
+from tools import ablation
+from train import with_defaults
 
 
 def test_each_variant_trains_plain_changed_only_where_it_says(tmp_path):
@@ -91,7 +91,6 @@ def test_the_defaults_are_the_seeds_recipe_everywhere():
 def test_stage_2_defaults_to_the_long_recipe_its_run_measured(capsys):
     """Stage 2's recipe is configs/long_recipe.json's, the 120-epoch run's: over a stage-1 trial's proxy recipe,
     under a --config file's own keys, under a flag; its --help shows it."""
-    import candidates
     from train import LONG_RECIPE
 
     root = os.path.join(os.path.dirname(__file__), "..")
@@ -103,12 +102,12 @@ def test_stage_2_defaults_to_the_long_recipe_its_run_measured(capsys):
     best = os.path.join(root, "configs", "seed_best.json")
     shape_only = {k: v for k, v in json.load(open(best)).items() if k not in LONG_RECIPE}
     args = stage2_final.parse_args([])
-    assert candidates.stage2_config(shape_only, args).to_dict() == evidence  # a file's missing keys: the long recipe
+    assert stage2_final.stage2_config(shape_only, args).to_dict() == evidence  # a file's missing keys: the long recipe
     proxy = ablation.TrainConfig(**shape_only).to_dict()  # a stage-1 trial: the seed's recipe, on the proxy
-    assert candidates.stage2_config(proxy, args, from_study=True).to_dict() == evidence
+    assert stage2_final.stage2_config(proxy, args, from_study=True).to_dict() == evidence
     seed = stage2_final.candidates_from_file(best, stage2_final.parse_args(["--config", best]))[0].config
     assert (seed.cutmix_alpha, seed.weight_decay, seed.warmup_epochs) == (0.0, 0.01, 2)  # its own keys win
-    flagged = candidates.stage2_config(proxy, stage2_final.parse_args(["--erase-prob", "0"]), from_study=True)
+    flagged = stage2_final.stage2_config(proxy, stage2_final.parse_args(["--erase-prob", "0"]), from_study=True)
     assert flagged.erase_prob == 0.0 and flagged.cutmix_alpha == 1.0
     with pytest.raises(SystemExit):
         stage2_final.parse_args(["--help"])
@@ -116,21 +115,6 @@ def test_stage_2_defaults_to_the_long_recipe_its_run_measured(capsys):
     for flag, value in (("--cutmix-alpha FLOAT", "1.0"), ("--erase-prob FLOAT", "0.25"), ("--weight-decay FLOAT", "0.05"),
                         ("--warmup-epochs INT", "5"), ("--label-smoothing FLOAT", "0.1"), ("--mix-prob FLOAT", "0.5")):
         assert re.search(re.escape(flag) + r" (?:(?! --).)*?\(default: " + re.escape(value) + r"\)", shown), flag
-
-
-def test_a_variant_with_the_same_configuration_reuses_the_finished_run(tmp_path, monkeypatch):
-    tiny = dict(ablation.PLAIN, patch_size=8, embed_dim=32, depth=1, num_heads=2, batch_size=64)
-    monkeypatch.setitem(ablation.VARIANTS, "plus_warmup", dict(tiny, warmup_epochs=1))
-    monkeypatch.setitem(ablation.VARIANTS, "chosen", dict(tiny, warmup_epochs=1))
-    monkeypatch.setitem(ablation.VARIANTS, "plain", tiny)
-    splits = synthetic_splits(n_train=128, n_val=64)
-    single = ablation.run_one("plus_warmup", 0, splits, torch.device("cpu"), 1, 0.2, str(tmp_path))
-    chosen = ablation.run_one("chosen", 0, splits, torch.device("cpu"), 1, 0.2, str(tmp_path))
-    assert chosen["same_run_as"] == "plus_warmup_seed0.json" and chosen["history"] == single["history"]
-    assert json.loads((tmp_path / "chosen_seed0.json").read_text())["variant"] == "chosen"
-    # another seed, or another configuration, is a run of its own
-    assert "same_run_as" not in ablation.run_one("chosen", 1, splits, torch.device("cpu"), 1, 0.2, str(tmp_path))
-    assert "same_run_as" not in ablation.run_one("plain", 0, splits, torch.device("cpu"), 1, 0.2, str(tmp_path))
 
 
 def test_the_seed_recipe_config_is_the_long_runs_command():

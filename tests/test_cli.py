@@ -49,20 +49,23 @@ def test_a_run_stopped_for_time_says_how_to_continue_without_the_password(capsys
     assert outcome(capsys, raises(cli.StoppedForTime("worker 2: stopped"))) == (75, "worker 2: stopped\n")
 
 
-def test_the_shared_flags_and_their_checks():
+def test_the_shared_flags_and_their_checks(capsys):
     p = cli.OneLineParser()
     cli.add_common_flags(p, results_help="out", storage_help="storage")
     args = p.parse_args(["--results", "r", "--no-download"])
     assert (args.data_dir, args.no_download, args.results, args.storage, args.device) == ("data", True, "r", None, "auto")
-    cli.default_storage(args)
-    assert args.storage == "sqlite:///r/stage1.db"
     bare = cli.OneLineParser()
     cli.add_common_flags(bare)  # evaluate.py's: no results folder, no storage
     assert not hasattr(bare.parse_args([]), "results")
-    args.epochs, args.top_k = 3, 0
-    with pytest.raises(SystemExit) as stop:
-        cli.check_positive(p, args, ("epochs", "top_k"))
-    assert stop.value.code == 2
+    p.add_argument("--top-k", type=cli.positive(int))
+    p.add_argument("--subset", type=cli.positive(float, at_most=1.0))
+    assert p.parse_args(["--top-k", "3", "--subset", "1"]).top_k == 3
+    for flags, said in ((["--top-k", "0"], "argument --top-k: must be positive, got 0"),
+                        (["--subset", "1.5"], "argument --subset: must be in (0, 1], got 1.5"),
+                        (["--top-k", "x"], "argument --top-k: invalid int value: 'x'")):
+        with pytest.raises(SystemExit) as stop:
+            p.parse_args(flags)
+        assert stop.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_the_epoch_line_and_its_eta():
@@ -89,7 +92,8 @@ def test_a_script_starts_without_the_libraries_only_its_work_needs():
     import sys
 
     heavy = ("torchvision", "scipy", "sklearn", "matplotlib")
-    probe = ("import sys, stage1_search, stage2_final, evaluate, predict, check_gpu, bench, ablation; "
+    probe = ("import sys; sys.path.append('tools'); import stage1_search, stage2_final, evaluate, predict, check_gpu, "
+             "bench, ablation; "
              f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
@@ -125,7 +129,7 @@ def test_the_readme_s_table_of_stops_gives_the_exit_codes_the_scripts_use():
     tests = open(os.path.join(os.path.dirname(__file__), "test_stage1_workers.py")).read()
     for name in ("test_ctrl_c_or_sigterm_mid_trial_goes_on_from_its_last_epoch_to_the_uninterrupted_value",
                  "test_a_second_ctrl_c_stops_at_once_and_the_next_start_still_goes_on_from_the_checkpoint",
-                 "test_a_killed_worker_restarted_at_once_retries_its_trial_from_its_checkpoint",
+                 "test_a_killed_worker_s_trial_is_retried_from_its_checkpoint_once_its_heartbeat_is_stale",
                  "test_a_postgresql_restart_mid_trial_does_not_end_the_worker",
                  "test_a_full_disk_stops_the_run_in_one_line_and_leaves_the_study_whole"):
         assert f"def {name}(" in tests, name

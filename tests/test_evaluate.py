@@ -190,7 +190,7 @@ def test_tta_is_a_separate_figure_equal_to_averaging_mirror_logits_by_hand(train
 
 
 def test_evaluating_a_stage1_trial_keeps_its_training_metrics_byte_for_byte(tmp_path, trained):
-    from report import write_json
+    from reports import write_json
 
     path, ds = trained
     trial = tmp_path / "stage1" / "trial_0000"

@@ -4,7 +4,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import touches_the_edge
-from report import log_hparams
+from reports import log_hparams
 
 
 def read_hparams(log_dir):
@@ -34,7 +34,7 @@ def test_hparams_are_read_back_by_tensorboards_event_reader(tmp_path):
 def test_the_gallery_holds_only_mistakes_most_confident_first_with_the_right_labels(tmp_path):
     import torch
 
-    from report import most_confident_mistakes, plot_mistakes
+    from reports import most_confident_mistakes, plot_mistakes
 
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(100) % 10
@@ -55,8 +55,8 @@ def test_the_per_class_plot_shows_each_class_accuracy_with_its_exact_interval(tm
     import matplotlib.image
     import numpy as np
 
-    import report
-    from stats import accuracy_interval
+    import reports as report
+    from reports import accuracy_interval
 
     shown = []
     monkeypatch.setattr(report.pyplot(), "close", shown.append)  # keep the figure to read back what it draws

@@ -16,16 +16,14 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 import stage1_search
-import workers
 from conftest import signal_after, start_as_a_terminal_would
-from workers import make_storage
+from storage import open_storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,36 +47,6 @@ def worker(tmp_path):
             proc.communicate()
 
 
-@pytest.fixture
-def new_postgres_database():
-    """Makes fresh databases on the server of VIT_TEST_POSTGRES_URL (a user allowed to create them),
-    so that no two tests or rounds share one; all are dropped afterwards."""
-    url = os.environ.get("VIT_TEST_POSTGRES_URL")
-    if not url:
-        if os.environ.get("CI"):
-            pytest.fail("VIT_TEST_POSTGRES_URL is not set: on CI, .ci/run must start the PostgreSQL server")
-        pytest.skip("VIT_TEST_POSTGRES_URL is not set (`. .ci/postgres.sh && start_test_postgres` starts a server)")
-    import sqlalchemy
-
-    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
-    made = []
-
-    def make():
-        made.append(f"vit_test_{uuid.uuid4().hex[:12]}")
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f"CREATE DATABASE {made[-1]}"))
-        return sqlalchemy.engine.make_url(url).set(database=made[-1]).render_as_string(hide_password=False)
-    yield make
-    with admin.connect() as conn:
-        for name in made:
-            conn.execute(sqlalchemy.text(f"DROP DATABASE {name} WITH (FORCE)"))
-
-
-@pytest.fixture
-def postgres_url(new_postgres_database):
-    return new_postgres_database()
-
-
 @pytest.fixture(params=["sqlite", "journal", "postgresql"])
 def storage_url(request, tmp_path):
     if request.param == "postgresql":
@@ -88,7 +56,7 @@ def storage_url(request, tmp_path):
 
 def trials_of(url):
     """The study's trials as they are now; no connection is left open (a test may unmount the file's disk)."""
-    storage = make_storage(url, heartbeat=5)
+    storage = open_storage(url, heartbeat=5)
     try:
         return optuna.load_study(study_name="vit-cifar10", storage=storage).trials
     finally:
@@ -119,7 +87,8 @@ def kill_parked_worker(proc, marker):
 
 
 def test_four_workers_started_at_once_on_a_new_storage(tmp_path, worker, storage_url):
-    """Before the schema lock, 4 workers on a fresh SQLite file crashed with 'table alembic_version already exists'."""
+    """Before the schema lock, 4 workers on a fresh SQLite file crashed with 'table alembic_version already exists'.
+    Each checks the total after its trial: 4 in all, or up to 3 more (one per other worker), all completed."""
     barrier = str(tmp_path / "go")
     with open(barrier, "w") as gate:
         fcntl.flock(gate, fcntl.LOCK_EX)
@@ -135,8 +104,7 @@ def test_four_workers_started_at_once_on_a_new_storage(tmp_path, worker, storage
     for p in procs:
         finish(p)
     trials = trials_of(storage_url)
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert 4 <= len(trials) <= 4 + 3 and [t.state for t in trials] == [TrialState.COMPLETE] * len(trials)
     assert {t.user_attrs["pid"] for t in trials} == {p.pid for p in procs}
 
 
@@ -170,29 +138,44 @@ def test_four_workers_creating_a_new_storage_at_the_same_moment_never_crash(tmp_
         assert trials_of(url) == []
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "journal"])
-def test_a_killed_worker_restarted_at_once_retries_its_trial_from_its_checkpoint(tmp_path, worker, kind):
-    url = f"sqlite:///{tmp_path}/stage1.db" if kind == "sqlite" else str(tmp_path / "stage1.journal")
-    command = ["--storage", url, "--total", "2", "--epochs", "2", "--patience", "2"]
+def test_a_killed_worker_s_trial_is_retried_from_its_checkpoint_once_its_heartbeat_is_stale(tmp_path, worker):
+    url = f"sqlite:///{tmp_path}/stage1.db"
+    command = ["--storage", url, "--total", "2", "--epochs", "2", "--patience", "2", "--heartbeat", "1"]
     marker = str(tmp_path / "parked")
     kill_parked_worker(worker(*command, env={"HANG_IN_TRIAL": "1", "HANG_MARKER": marker}), marker)
     before = trials_of(url)
     assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.RUNNING]  # nobody has noticed the death yet
     killed = before[1]
     assert os.path.isfile(tmp_path / "stage1" / "trial_0001" / "last.pt")
+    time.sleep(2 * 1 + 1)  # silent for longer than 2 heartbeats: stale from now on
 
-    out = finish(worker(*command))  # the same command, at once: long before any heartbeat goes stale
-    assert f"trial    1 FAIL     its worker ({socket.gethostname()} pid {killed.user_attrs['pid']}) died; queued again" in out
+    out = finish(worker(*command))  # the same command: Optuna fails the stale trial and queues it again
+    assert (f"trial    1 FAIL     its worker ({socket.gethostname()} pid {killed.user_attrs['pid']}) stopped beating; "
+            f"attempt 1 of the configuration: queued again") in out, out
     assert "trial    2 COMPLETE" in out and "(went on from trial 1's epoch 1)" in out
     trials = trials_of(url)
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]  # 2 completed
     first, retry = trials[0], trials[2]
     assert (first.value, first.params, first.user_attrs["history"], first.datetime_complete) == (
         before[0].value, before[0].params, before[0].user_attrs["history"], before[0].datetime_complete)
-    assert retry.params == killed.params and retry.user_attrs["retry_of"] == 1
+    assert retry.params == killed.params and retry.system_attrs["retry_history"] == [1]
     assert retry.user_attrs["resumed_from"] == {"trial": 1, "epoch": 1}
     assert retry.user_attrs["history"][0] == killed.user_attrs["history"][0]  # epoch 1 is the killed trial's own
     assert len(retry.user_attrs["history"]) == 2
+
+
+def test_a_journal_file_has_no_heartbeat_so_a_killed_worker_s_trial_is_not_retried(tmp_path, worker):
+    """As Optuna gives it, and as --help says: the study still reaches its total, with a new trial."""
+    url = str(tmp_path / "stage1.journal")
+    command = ["--storage", url, "--total", "1", "--epochs", "2", "--patience", "2", "--heartbeat", "1"]
+    marker = str(tmp_path / "parked")
+    kill_parked_worker(worker(*command, env={"HANG_IN_TRIAL": "0", "HANG_MARKER": marker}), marker)
+    time.sleep(3)
+    finish(worker(*command))
+    assert [t.state for t in trials_of(url)] == [TrialState.RUNNING, TrialState.COMPLETE]
+    said = subprocess.run([sys.executable, os.path.join(ROOT, "stage1_search.py"), "--help"], capture_output=True,
+                          text=True).stdout
+    assert "gives no heartbeat: a killed worker's trial is not retried there" in " ".join(said.split())
 
 
 def test_a_silent_worker_of_another_machine_is_taken_over_through_the_heartbeat(tmp_path, worker, postgres_url):
@@ -204,7 +187,7 @@ def test_a_silent_worker_of_another_machine_is_taken_over_through_the_heartbeat(
     marker = str(tmp_path / "parked")
     elsewhere = ["unshare", "--uts", "sh", "-c", 'hostname machine-b && exec "$@"', "sh"]
     kill_parked_worker(worker(*command, env={"HANG_IN_TRIAL": "0", "HANG_MARKER": marker}, prefix=elsewhere), marker)
-    time.sleep(3 * 2 + 1)  # silent for longer than 3 heartbeats: stale from now on, whatever the machine's speed
+    time.sleep(2 * 2 + 1)  # silent for longer than 2 heartbeats: stale from now on, whatever the machine's speed
 
     out = finish(worker(*command))
     assert "trial    0 FAIL     its worker (machine-b pid" in out and "queued again" in out, out
@@ -218,11 +201,11 @@ def test_bad_input_ends_in_one_line_without_a_traceback(tmp_path, capsys, fake_c
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     cases = {  # flags: what stderr must say
-        ("--subset", "0"): "--subset must be in (0, 1], got 0.0",
-        ("--subset", "1.5"): "--subset must be in (0, 1], got 1.5",
-        ("--trials", "-1"): "--trials must be positive, got -1",
-        ("--epochs", "0"): "--epochs must be positive, got 0",
-        ("--total", "0"): "--total must be positive, got 0",
+        ("--subset", "0"): "argument --subset: must be in (0, 1], got 0.0",
+        ("--subset", "1.5"): "argument --subset: must be in (0, 1], got 1.5",
+        ("--trials", "-1"): "argument --trials: must be positive, got -1",
+        ("--epochs", "0"): "argument --epochs: must be positive, got 0",
+        ("--total", "0"): "argument --total: must be positive, got 0",
         ("--trials", "3", "--total", "3"): "argument --total: not allowed with argument --trials",
         ("--device", "tpu9"): "cannot use device 'tpu9': not a device name; use auto, cpu, cuda, cuda:N or mps",
         ("--storage", "postgresql://u:secret@127.0.0.1:1/db"): "cannot open Optuna storage 'postgresql://u:***@127.0.0.1:1/db'",
@@ -309,68 +292,13 @@ def test_a_second_ctrl_c_stops_at_once_and_the_next_start_still_goes_on_from_the
     assert proc.returncode == 130 and "stopping at the end of the running step" in out and "Traceback" not in out, out
     trials = trials_of(f"sqlite:///{tmp_path}/stage1.db")
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
-    assert trials[1].user_attrs["interrupted"] == "Ctrl-C" and trials[2].user_attrs["retry_history"] == [1]
+    assert trials[1].user_attrs["interrupted"] == "Ctrl-C" and trials[2].system_attrs["retry_history"] == [1]
     summary = (tmp_path / "stage1" / "summary.md").read_text()
     assert summary.count("| FAIL |") == 1 and "stopped by Ctrl-C after epoch 1; its retry goes on from there" in summary
     out = finish(worker("--trials", "3", "--epochs", "2"))
     trials = trials_of(f"sqlite:///{tmp_path}/stage1.db")
     assert trials[2].state == TrialState.COMPLETE and trials[2].user_attrs["resumed_from"] == {"trial": 1, "epoch": 1}
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
-
-
-# ----------------------------------------------------------------------------- in this process, with real processes
-
-
-def test_a_worker_is_dead_when_its_pid_is_gone_a_zombie_or_another_process():
-    alive = subprocess.Popen(["sleep", "60"])
-    identity = workers.process_identity(alive.pid)
-    assert not workers.is_dead_local_worker(identity)
-    assert not workers.is_dead_local_worker({**identity, "host": "machine-b"})  # another machine's: the heartbeat's
-    # The same pid with another start time: the pid was recycled for a new process after the worker died.
-    assert workers.is_dead_local_worker({**identity, "pid_start": str(int(identity["pid_start"]) - 1)})
-    alive.kill()
-    while workers._proc_stat(alive.pid)[0] != "Z":  # killed, not reaped yet: a zombie
-        time.sleep(0.01)
-    assert workers.is_dead_local_worker(identity)
-    alive.wait()
-    assert workers.is_dead_local_worker(identity)
-
-
-LR = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}
-
-
-def died_in(trial):
-    """Record a worker of this machine that has exited as the trial's."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    for key, value in workers.process_identity(int(dead.stdout)).items():
-        trial.set_user_attr(key, value)
-    return trial
-
-
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() outside optimize(), on purpose
-def test_a_dead_trial_failed_by_both_the_heartbeat_and_the_local_check_is_retried_once(tmp_path):
-    url = f"sqlite:///{tmp_path}/stage1.db"
-    study = workers.make_study(make_storage(url, heartbeat=5), "vit-cifar10", seed=0)
-    trial = died_in(study.ask(LR))
-    # Both noticed the death at the same moment and both set FAIL; each then asks for a retry.
-    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    frozen = study.trials[0]
-    workers.RequeueStaleTrial(workers.StudyLock(url))(study, frozen)
-    workers.requeue(study, frozen)
-    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
-    assert study.trials[1].user_attrs["retry_history"] == [0]
-
-
-def test_a_configuration_that_keeps_killing_its_worker_is_given_up_after_max_retries(tmp_path):
-    study = workers.make_study(make_storage(str(tmp_path / "stage1.journal"), heartbeat=5), "vit-cifar10", 0)
-    trial = died_in(study.ask(LR))
-    for attempt in range(workers.MAX_RETRIES):
-        assert workers.fail_dead_local_trials(study) == [trial.number]
-        trial = died_in(study.ask(LR))  # a worker takes the retry over and dies in it too
-        assert trial.params == study.trials[0].params
-        assert trial.user_attrs["retry_history"] == list(range(attempt + 1))
-    assert workers.fail_dead_local_trials(study) == [trial.number]
-    assert [t.state for t in study.trials] == [TrialState.FAIL] * (workers.MAX_RETRIES + 1)  # none queued
 
 
 def test_a_log_without_a_terminal_has_a_line_for_every_epoch_of_every_trial(worker):
@@ -418,7 +346,7 @@ def test_ctrl_c_stops_every_jobs_worker_and_each_cut_trial_goes_on_from_its_chec
     assert cut_short and all(t.state == TrialState.FAIL for t in cut_short)
     finish(start_as_a_terminal_would(command))
     trials = trials_of(f"sqlite:///{tmp_path}/stage1.db")
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+    assert 2 <= sum(t.state == TrialState.COMPLETE for t in trials) <= 2 + 1  # the other worker's one more at most
     went_on = [t.user_attrs["resumed_from"]["trial"] for t in trials if "resumed_from" in t.user_attrs]
     assert sorted(went_on) == sorted(t.number for t in cut_short if t.user_attrs.get("epochs_run"))
 
@@ -456,7 +384,7 @@ def test_a_database_down_past_the_wait_ends_the_worker_in_one_line_that_says_how
 
     secret = "postgresql://vit:s3cret@127.0.0.1:9/vit"
 
-    def server_gone(args, splits=None):
+    def server_gone(*args):
         try:
             raise sqlalchemy.exc.OperationalError("SELECT 1", {}, OSError(f"connection to {secret} refused"))
         except sqlalchemy.exc.OperationalError as e:

@@ -11,22 +11,21 @@ import torch
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-import candidates
 import cli
 import stage2_final
 import train
 from conftest import synthetic_cifar, touches_the_edge
 from data import DataError, train_val_splits
-from report import TensorBoardLogger
-from reports import write_reports
-from workers import StorageError, make_storage
+from cli import StorageError
+from reports import TensorBoardLogger, write_stage1_reports
+from storage import open_storage
 from stage2_final import parse_args, run
 from train import TrainConfig, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, batch_size=64, warmup_epochs=1, lr=3e-3)
 OUTPUTS = ("config.json", "best.pt", "last.pt", "curves.png", "test_metrics.json", "classification_report.txt",
-           "confusion_matrix.png", "confusion_matrix.csv", "done.json")
+           "confusion_matrix.png", "confusion_matrix.csv")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,7 @@ def config_file(path, *configs):
 
 def tiny_study(results, trials):
     """A stage-1 study as stage1_search.py leaves it: (state, value, lr) per trial, config in user_attrs."""
-    storage = make_storage(f"sqlite:///{results}/stage1.db", heartbeat=60)
+    storage = open_storage(f"sqlite:///{results}/stage1.db", heartbeat=60)
     study = optuna.create_study(study_name="vit-cifar10", storage=storage, direction="maximize")
     for state, value, lr in trials:
         cfg = TrainConfig(**{**TINY, "lr": lr}, epochs=20, patience=6, subset_ratio=0.2)
@@ -121,7 +120,7 @@ def test_after_a_tiny_stage1_it_trains_tests_and_reports_the_top_trials(tmp_path
     assert "stage-1 trial 1" in report and "`lr=0.003`" in report
 
     # The same models through --config and top3.json's whole entries: already trained, so only re-tested.
-    write_reports(study, str(tmp_path / "stage1"), plots=False)
+    write_stage1_reports(study, str(tmp_path / "stage1"), plots=False)
     seen = epochs_trained(monkeypatch)
     again = run(args_for(tmp_path, "--config", str(tmp_path / "stage1" / "top3.json")), ds=ds)
     assert seen == [] and "already trained" in capsys.readouterr().out
@@ -144,7 +143,7 @@ def test_early_stopping_stops_at_the_right_epoch_and_keeps_the_best(tmp_path, ds
     monkeypatch.setattr(train, "evaluate", real)
     best = stage2_final.evaluate_checkpoint(str(run_dir / "best.pt"), ds)
     assert (best["accuracy"], best["macro"]["f1"]) == (row["test_acc"], row["f1"])
-    # a finished model is skipped by the next run, which reports it from its done.json
+    # a finished model is skipped by the next run, which reports it from its trial in the stage-2 study
     seen = epochs_trained(monkeypatch)
     (again,) = run(args_for(tmp_path, "--config", path, "--epochs", "50", "--patience", "3"), ds=ds)
     assert seen == [] and again == row
@@ -225,7 +224,7 @@ def test_a_run_cut_by_the_time_limit_and_continued_equals_an_uninterrupted_one(t
     metrics = [json.loads((d / "test_metrics.json").read_text()) for d in (full, cut)]
     for key in ("accuracy", "macro", "per_class", "epoch", "val_acc"):
         assert metrics[0][key] == metrics[1][key]
-    assert (cut / "done.json").exists() and (tmp_path / "cut" / "stage2" / "report.md").exists()
+    assert (tmp_path / "cut" / "stage2" / "report.md").exists()
 
 
 def test_a_time_limit_shorter_than_an_epoch_says_so_instead_of_stopping_forever(tmp_path, ds, capsys):
@@ -304,10 +303,11 @@ def test_missing_or_empty_studies_give_one_line_errors(tmp_path, ds):
 def test_trials_are_picked_by_number(tmp_path, capsys):
     tiny_study(tmp_path, [(TrialState.COMPLETE, 0.4, 1e-3), (TrialState.COMPLETE, 0.6, 3e-3),
                           (TrialState.PRUNED, None, 2e-3)])
-    picked = stage2_final.candidates_from_study(args_for(tmp_path, "--trials", "2", "0", "2"))
+    url = f"sqlite:///{tmp_path}/stage1.db"
+    picked = stage2_final.candidates_from_study(args_for(tmp_path, "--trials", "2", "0", "2"), open_storage(url), url)
     assert [c.name for c in picked] == ["trial_0002", "trial_0000"] and picked[0].config.lr == 2e-3
     assert "trial 2 is PRUNED" in capsys.readouterr().out
-    top = stage2_final.candidates_from_study(args_for(tmp_path, "--top-k", "1"))
+    top = stage2_final.candidates_from_study(args_for(tmp_path, "--top-k", "1"), open_storage(url), url)
     assert [c.name for c in top] == ["trial_0001"] and top[0].stage1_val_acc == 0.6
 
 
@@ -338,7 +338,7 @@ def test_cli_flags_and_one_line_errors(tmp_path, capsys):
     assert proc.stderr.startswith("error: no stage-1 storage") and proc.stderr.strip().count("\n") == 0
     for flags, message in ((["--trials", "1", "--config", "c.json"], "argument --config: not allowed with"),
                            (["--top-k", "three"], "argument --top-k: invalid int value: 'three'"),
-                           (["--patience", "0"], "--patience must be positive, got 0"),
+                           (["--patience", "0"], "argument --patience: must be positive, got 0"),
                            (["--report-only", "--fresh"], "--report-only trains nothing")):
         with pytest.raises(SystemExit) as exit:
             parse_args(flags)
@@ -351,7 +351,7 @@ def test_cli_flags_and_one_line_errors(tmp_path, capsys):
     for flag in ("--top-k", "--trials", "--config", "--epochs", "--patience", "--fresh", "--storage", "--study-name",
                  "--data-dir", "--no-download", "--results", "--device", "--report-only"):
         assert flag in help_text
-    assert parse_args([]).storage == "sqlite:///results/stage1.db"
+    assert "(default: sqlite:///RESULTS/stage1.db)" in " ".join(help_text.split())
 
 
 SECRET = "s3cret-pw"
@@ -362,7 +362,7 @@ def files_holding(root, text) -> list:
     return [str(p) for p in root.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
 
 
-def test_a_storage_password_is_never_printed_or_written(tmp_path, ds, capsys):
+def test_a_storage_password_is_never_printed_or_written(tmp_path, ds, capsys, monkeypatch):
     # Where the server cannot be reached: the error names the URL, with *** for the password.
     proc = subprocess.run([sys.executable, "stage2_final.py", "--results", str(tmp_path), "--storage", SECRET_URL,
                            "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
@@ -370,17 +370,16 @@ def test_a_storage_password_is_never_printed_or_written(tmp_path, ds, capsys):
     assert proc.stderr.startswith("error: cannot open Optuna storage 'postgresql://vit:***@127.0.0.1:9/vit': ")
     assert SECRET not in proc.stdout + proc.stderr
 
-    # Where it can: a trial retrained, tested and reported by stage 2's own functions while --storage holds
-    # the password (an SQLite URL cannot carry one, so the study is read from a file).
-    study = tiny_study(tmp_path, [(TrialState.COMPLETE, 0.5, 3e-3)])
-    args = args_for(tmp_path, "--storage", SECRET_URL, "--epochs", "1")
-    (c,) = candidates.candidates_from_trials(study, args)
-    run_dir = str(tmp_path / "stage2" / c.name)
-    stage2_final.train_and_test(c, train_val_splits(ds), ds, args, torch.device("cpu"), run_dir)
-    stage2_final.write_report([stage2_final.row_from_disk(c, run_dir)], str(tmp_path / "stage2"), args)
+    # Where it can: a trial retrained, tested and reported while --storage holds the password (an SQLite URL
+    # cannot carry one, so the storage opened is the file's whatever the URL).
+    tiny_study(tmp_path, [(TrialState.COMPLETE, 0.5, 3e-3)])
+    storage = open_storage(f"sqlite:///{tmp_path}/stage1.db")
+    monkeypatch.setattr(stage2_final, "open_storage", lambda url, heartbeat: storage)
+    (row,) = run(args_for(tmp_path, "--storage", SECRET_URL, "--epochs", "1"), ds=ds)
+    c = row["model"]
     shown = "study 'vit-cifar10' in postgresql://vit:***@127.0.0.1:9/vit"
     assert shown in (tmp_path / "stage2" / "report.md").read_text()
-    assert shown in json.loads((tmp_path / "stage2" / c.name / "config.json").read_text())["source"]
+    assert shown in json.loads((tmp_path / "stage2" / c / "config.json").read_text())["source"]
     out, err = capsys.readouterr()
     assert files_holding(tmp_path, SECRET) == [] and SECRET not in out + err
 
@@ -391,7 +390,7 @@ def test_bad_command_lines_and_configurations_stop_in_one_line_and_write_nothing
     bad, good = config_file(tmp_path / "bad.json", {**TINY, "patch_size": 5}), config_file(tmp_path / "c.json", TINY)
     (tmp_path / "a_file").write_text("")
     cases = {  # flags: (exit code, the start of stderr's one line)
-        ("--epochs", "0"): (2, "stage2_final.py: error: --epochs must be positive, got 0 (see --help)"),
+        ("--epochs", "0"): (2, "stage2_final.py: error: argument --epochs: must be positive, got 0 (see --help)"),
         ("--device", "tpu"): (1, "error: cannot use device 'tpu': not a device name; use auto, cpu, cuda, cuda:N or "
                                  "mps"),
         ("--study-name", "nope"): (1, f"error: no study 'nope' in sqlite:///{tmp_path}/stage1.db (it holds: "
@@ -454,7 +453,7 @@ def test_a_results_folder_this_code_cannot_continue_is_refused_in_one_line_and_k
         code, err = stop.value.code, capsys.readouterr().err
         assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
         assert f"{run_dir}/last.pt" in err and message in err and "Traceback" not in err, (name, err)
-        assert sorted(os.listdir(run_dir)) == ["claim.json.lock", "last.pt"]  # nothing written, the claim given back
+        assert sorted(os.listdir(run_dir)) == ["last.pt"]  # nothing written
         if name == "pickled code":  # the same data as ds: synthetic_cifar(n_train=200)
             proc = subprocess.run([sys.executable, os.path.join("tests", "synthetic_stage2.py"), "200", *argv],
                                   cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -500,7 +499,7 @@ def test_a_finished_run_from_another_kind_of_device_is_tested_without_a_note_abo
     state = torch.load(run_dir / "last.pt", weights_only=True)
     state["rng"] = {**state["rng"], "device_type": "cuda", "device": torch.zeros(16, dtype=torch.uint8)}
     torch.save(state, run_dir / "last.pt")
-    (run_dir / "done.json").unlink()
+    optuna.delete_study(study_name="vit-cifar10-stage2", storage=f"sqlite:///{tmp_path}/stage1.db")  # to be tested again
     capsys.readouterr()
     run(args_for(tmp_path, "--config", path, "--epochs", "1"), ds=ds)
     out = capsys.readouterr().out

@@ -7,19 +7,19 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 
+import optuna
 import pytest
 import torch
+from optuna.trial import TrialState
 
-from data import DataError
-from workers import process_identity
 from stage2_final import parse_args, run
-from workers import release_claim, take_claim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "synthetic_stage2.py")
@@ -61,6 +61,14 @@ def wait_for_line(proc, pattern) -> str:
 
 def epochs_in(out) -> list:
     return [(model, int(epoch)) for model, epoch in EPOCH_LINE.findall(out)]
+
+
+def rows_in_study(results, url=None) -> dict:
+    """Each model's report row, as its completed trial in the stage-2 study holds it."""
+    study = optuna.load_study(study_name="vit-cifar10-stage2", storage=url or f"sqlite:///{results}/stage1.db")
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len({t.user_attrs["model"] for t in done}) == len(done)  # each model tested once
+    return {t.user_attrs["model"]: t.user_attrs["row"] for t in done}
 
 
 def without_timings(history):
@@ -113,62 +121,12 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(t
     assert torch.equal(state["weights"], torch.full((8 * 2**20,), float(state["step"])))  # whole, not torn
 
 
-# ----------------------------------------------------------------------------- claims
-
-
-HOLDER = """
-import sys
-sys.path.insert(0, {root!r})
-from workers import take_claim
-print(take_claim(sys.argv[1]), flush=True)
-sys.stdin.read()  # hold the claim until killed
-"""
-
-
-def test_a_model_is_claimed_by_one_live_worker_and_taken_over_when_it_dies(tmp_path, capsys):
-    run_dir = str(tmp_path / "config_0")
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=ROOT), run_dir], cwd=ROOT, text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout.readline() == "None\n"  # it holds the claim
-        who = take_claim(run_dir)
-        assert who is not None and f"pid {holder.pid}" in who
-    finally:
-        holder.kill()
-        holder.wait()
-    assert take_claim(run_dir) is None  # dead on this host: taken over
-    assert f"pid {holder.pid} on this host, is dead" in capsys.readouterr().out
-    claim = os.path.join(run_dir, "claim.json")
-    assert json.load(open(claim))["pid"] == os.getpid()
-    release_claim(run_dir)
-    assert not os.path.exists(claim)
-    assert [f for f in os.listdir(run_dir) if f.endswith(".tmp")] == []
-
-    # A live pid that started at another time is not the claimant: its pid was given to a new process.
-    with open(claim, "w") as f:
-        json.dump({**process_identity(os.getppid()), "pid_start": "1"}, f)
-    assert take_claim(run_dir) is None
-    release_claim(run_dir)
-
-    # Only the host of a claim can tell whether its worker lives: another host's claim is left alone.
-    foreign = json.dumps({"host": "other-machine", "pid": os.getpid(), "claimed_at": "2026-01-01 00:00:00"})
-    with open(claim, "w") as f:
-        f.write(foreign)
-    assert take_claim(run_dir).startswith("other-machine pid")
-    assert open(claim).read() == foreign
-
-    with open(claim, "w") as f:
-        f.write("not json")
-    with pytest.raises(DataError, match="claim.json is not a claim.*delete it"):
-        take_claim(run_dir)
-
-
 # ----------------------------------------------------------------------------- workers killed and shared
 
 
 def test_a_worker_killed_mid_epoch_is_resumed_after_its_last_epoch_and_ends_as_an_uninterrupted_run(tmp_path):
     cfg = config_file(tmp_path / "c.json", {**TINY, "mixup_alpha": 0.1})  # mixup: the RNG state must carry over
-    flags = ("--config", cfg, "--epochs", "2", "--patience", "2")
+    flags = ("--config", cfg, "--epochs", "2", "--patience", "2", "--heartbeat", "1")
     (tmp_path / "full").mkdir()
     (tmp_path / "cut").mkdir()
     rc, full_out, err = finish(start_worker(tmp_path / "full", *flags, n_train=1000))
@@ -184,25 +142,25 @@ def test_a_worker_killed_mid_epoch_is_resumed_after_its_last_epoch_and_ends_as_a
     assert worker.returncode == -signal.SIGKILL
     run_dir = tmp_path / "cut" / "stage2" / "config_0"
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1  # killed before epoch 2's checkpoint
-    assert json.load(open(run_dir / "claim.json"))["pid"] == worker.pid and not (run_dir / "done.json").exists()
+    assert not (run_dir / "test_metrics.json").exists()
 
     # What is on disk meanwhile, as a report.
     (row,) = run(parse_args(["--results", str(tmp_path / "cut"), "--report-only", *flags]))
-    assert row["unfinished"].startswith("not finished yet (1 of 2 epochs in last.pt, being trained by")
+    assert row["unfinished"] == "not finished yet (1 of 2 epochs in last.pt)"
     assert "| config_0 | not tested |" in (tmp_path / "cut" / "stage2" / "report.md").read_text()
 
+    time.sleep(2 * 1 + 1)  # silent for longer than 2 heartbeats: Optuna's next look fails it and queues it again
     rc, out, err = finish(start_worker(tmp_path / "cut", *flags, n_train=1000))
     assert rc == 0, err
-    assert f"pid {worker.pid} on this host, is dead; taking the model over" in out
+    assert f"config_0 FAIL     its worker ({socket.gethostname()} pid {worker.pid}) stopped beating" in out, out
     assert "config_0: resuming after epoch 1 of 2" in out and epochs_in(out) == [("config_0", 2)]
-    assert not (run_dir / "claim.json").exists()
 
     a = torch.load(tmp_path / "full" / "stage2" / "config_0" / "last.pt", weights_only=True)
     b = torch.load(run_dir / "last.pt", weights_only=True)
     assert without_timings(a["history"]) == without_timings(b["history"]) and len(b["history"]) == 2
     assert a["early_stopping"] == b["early_stopping"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    done = [json.load(open(d / "stage2" / "config_0" / "done.json")) for d in (tmp_path / "full", tmp_path / "cut")]
+    done = [rows_in_study(d)["config_0"] for d in (tmp_path / "full", tmp_path / "cut")]
     tested = ("test_acc", "precision", "recall", "f1", "best_val_acc", "best_epoch", "test_images",
               "classification_report", "epochs_run", "stopped_early")
     assert {k: done[0][k] for k in tested} == {k: done[1][k] for k in tested}
@@ -211,9 +169,11 @@ def test_a_worker_killed_mid_epoch_is_resumed_after_its_last_epoch_and_ends_as_a
            {k: b[k] for k in ("accuracy", "macro", "per_class", "loss", "epoch")}
 
 
-def test_two_workers_share_three_models_each_trained_once_and_the_last_one_reports_all(tmp_path):
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_two_workers_share_three_models_each_trained_once_and_the_last_one_reports_all(tmp_path, request, kind):
+    url = request.getfixturevalue("postgres_url") if kind == "postgresql" else f"sqlite:///{tmp_path}/stage1.db"
     cfg = config_file(tmp_path / "c.json", *[{**TINY, "lr": lr} for lr in (1e-3, 2e-3, 3e-3)])
-    flags = ("--config", cfg, "--epochs", "2", "--patience", "2")
+    flags = ("--config", cfg, "--epochs", "2", "--patience", "2", "--storage", url)
     workers = [start_worker(tmp_path, *flags) for _ in range(2)]
     results = [finish(w) for w in workers]
     assert [rc for rc, _, _ in results] == [0, 0], [err for _, _, err in results]
@@ -224,9 +184,7 @@ def test_two_workers_share_three_models_each_trained_once_and_the_last_one_repor
     assert epochs == {(f"config_{i}", e): 1 for i in range(3) for e in (1, 2)}
     assert sum(out.count("training from scratch") for out in outs) == 3
     out_dir = tmp_path / "stage2"
-    trained_by = {json.load(open(out_dir / f"config_{i}" / "done.json"))["worker"]["pid"] for i in range(3)}
-    assert trained_by <= {w.pid for w in workers}
-    assert not any((out_dir / f"config_{i}" / "claim.json").exists() for i in range(3))
+    assert sorted(rows_in_study(tmp_path, url)) == ["config_0", "config_1", "config_2"]
 
     report = (out_dir / "report.md").read_text()
     summary = json.load(open(out_dir / "summary.json"))["models"]
@@ -241,6 +199,14 @@ def test_two_workers_share_three_models_each_trained_once_and_the_last_one_repor
     assert (out_dir / "report.md").read_text() == report
 
 
+def test_jobs_2_trains_two_models_side_by_side_each_once_and_reports_both(tmp_path):
+    cfg = config_file(tmp_path / "c.json", *[{**TINY, "lr": lr} for lr in (1e-3, 3e-3)])
+    rc, out, err = finish(start_worker(tmp_path, "--config", cfg, "--epochs", "2", "--patience", "2", "--jobs", "2"))
+    assert rc == 0 and "Traceback" not in err, err
+    assert Counter(epochs_in(out)) == {(f"config_{i}", e): 1 for i in range(2) for e in (1, 2)}
+    assert sorted(rows_in_study(tmp_path)) == ["config_0", "config_1"] and "done: report in" in out
+
+
 # ----------------------------------------------------------------------------- disks
 
 
@@ -249,7 +215,10 @@ def snapshot(root) -> dict:
 
 
 def test_a_full_disk_stops_stage2_in_one_line_keeps_its_checkpoints_and_it_resumes_once_freed(tmp_path, tmpfs):
-    flags = ("--config", config_file(tmp_path / "c.json", TINY), "--epochs", "2", "--patience", "2")
+    # The study on another disk: a full disk under an SQLite file is one line too (storage_lost_in_one_line), but
+    # the trial it cut stays RUNNING until its heartbeat is stale.
+    flags = ("--config", config_file(tmp_path / "c.json", TINY), "--epochs", "2", "--patience", "2",
+             "--storage", f"sqlite:///{tmp_path}/stage1.db")
     run_dir = tmpfs / "stage2" / "config_0"
     worker = start_worker(tmpfs, *flags, n_train=1000)
     try:
@@ -272,20 +241,19 @@ def test_a_full_disk_stops_stage2_in_one_line_keeps_its_checkpoints_and_it_resum
                         r"and run the same command again\n", err), err
     assert {name: (run_dir / name).read_bytes() for name in kept} == kept  # epoch 1's, whole
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
-    assert not list(tmpfs.rglob("*.tmp")) and not (run_dir / "claim.json").exists()  # no debris, the claim given back
+    assert not list(tmpfs.rglob("*.tmp"))  # no debris
 
     os.remove(tmpfs / "filler")
     rc, out, err = finish(start_worker(tmpfs, *flags, n_train=1000))
     assert rc == 0, err
     assert "config_0: resuming after epoch 1 of 2" in out and epochs_in(out) == [("config_0", 2)]
-    assert json.load(open(run_dir / "done.json"))["epochs_run"] == 2
+    assert rows_in_study(tmp_path)["config_0"]["epochs_run"] == 2
 
 
 def test_a_read_only_results_folder_is_refused_at_once_and_left_as_it_was(tmp_path, tmpfs):
-    from conftest import synthetic_cifar
-
     cfg = config_file(tmp_path / "c.json", TINY)
-    run(parse_args(["--results", str(tmpfs), "--config", cfg, "--epochs", "1", "--device", "cpu"]), ds=synthetic_cifar())
+    rc, out, err = finish(start_worker(tmpfs, "--config", cfg, "--epochs", "1"))  # its own process: it holds no file
+    assert rc == 0, err
     before = snapshot(tmpfs)
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     proc = subprocess.run([sys.executable, "stage2_final.py", "--results", str(tmpfs), "--config", cfg, "--epochs", "1",
@@ -315,7 +283,8 @@ def test_ctrl_c_or_sigterm_after_epoch_3_of_6_goes_on_from_there_to_the_uninterr
     assert out.rstrip().splitlines()[-1] == ("interrupted: each model's last.pt holds its last finished epoch; run "
                                              "the same command to continue from there")
     run_dir = tmp_path / "cut" / "stage2" / "config_0"
-    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == at and not (run_dir / "done.json").exists()
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == at
+    assert not (run_dir / "test_metrics.json").exists()
     go_on = start_as_a_terminal_would(command(tmp_path / "cut"))
     rest = go_on.communicate(timeout=300)[0].decode()
     assert go_on.returncode == 0 and epochs_in(rest) == [("config_0", e) for e in range(at + 1, epochs + 1)], rest
@@ -323,5 +292,5 @@ def test_ctrl_c_or_sigterm_after_epoch_3_of_6_goes_on_from_there_to_the_uninterr
     b = torch.load(run_dir / "last.pt", weights_only=True)
     assert without_timings(a["history"]) == without_timings(b["history"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    done = [json.loads((r / "stage2" / "config_0" / "done.json").read_text()) for r in (tmp_path / "whole", tmp_path / "cut")]
+    done = [rows_in_study(r)["config_0"] for r in (tmp_path / "whole", tmp_path / "cut")]
     assert done[0]["test_acc"] == done[1]["test_acc"] and done[0]["f1"] == done[1]["f1"]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from stats import accuracy_interval, mcnemar, verdict
+from reports import accuracy_interval, mcnemar, verdict
 
 
 def test_the_interval_covers_a_known_accuracy_about_95_percent_of_the_time():
@@ -45,7 +45,7 @@ def test_the_verdict_says_whether_the_difference_is_significant():
 
 
 def test_the_gap_interval_matches_the_normal_formula_by_hand():
-    from stats import difference_interval
+    from reports import difference_interval
 
     low, high = difference_interval(0.8, 5000, 0.78, 10000)
     se = (0.8 * 0.2 / 5000 + 0.78 * 0.22 / 10000) ** 0.5

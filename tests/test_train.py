@@ -245,17 +245,21 @@ def test_a_run_gives_the_same_history_alone_and_beside_another(recipe):
     recipe = dict(epochs=3, depth=2, drop_path=0.2, randaug_ops=2, **RANDOM_RECIPES[recipe])  # depth 2: see above
     alone = make_trainer(**recipe).fit()
     first = make_trainer(**recipe)
-    other_started = threading.Event()
+    other_started, threads = threading.Event(), []
 
     def start_another(t, record):
         if record["epoch"] == 1:  # a second run starts, seeded alike, and trains beside this one
             other = make_trainer(**recipe)
-            threading.Thread(target=lambda: (other_started.set(), other.fit()), daemon=True).start()
+            threads.append(threading.Thread(target=lambda: (other_started.set(), other.fit()), daemon=True))
+            threads[0].start()
             other_started.wait()
             torch.manual_seed(12345)  # and someone re-seeds the global RNGs for good measure
             random.seed(12345)
 
     beside = first.fit(on_epoch=start_another)
+    # Waited for: a run left going would switch the process-wide float32 settings (each validation's) under the
+    # tests after this one, which once failed a precision test that way.
+    threads[0].join()
     keys = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
     assert [[r[k] for k in keys] for r in beside] == [[r[k] for k in keys] for r in alone]
 
