@@ -201,9 +201,9 @@ def test_two_workers_share_three_models_each_trained_once_and_the_last_one_repor
 
 def test_jobs_2_trains_two_models_side_by_side_each_once_and_reports_both(tmp_path):
     cfg = config_file(tmp_path / "c.json", *[{**TINY, "lr": lr} for lr in (1e-3, 3e-3)])
-    rc, out, err = finish(start_worker(tmp_path, "--config", cfg, "--epochs", "2", "--patience", "2", "--jobs", "2"))
+    rc, out, err = finish(start_worker(tmp_path, "--config", cfg, "--epochs", "1", "--jobs", "2"))
     assert rc == 0 and "Traceback" not in err, err
-    assert Counter(epochs_in(out)) == {(f"config_{i}", e): 1 for i in range(2) for e in (1, 2)}
+    assert Counter(epochs_in(out)) == {(f"config_{i}", 1): 1 for i in range(2)}
     assert sorted(rows_in_study(tmp_path)) == ["config_0", "config_1"] and "done: report in" in out
 
 
