@@ -44,6 +44,7 @@ SCHEDULE_FLAGS = {"epochs": "--epochs", "patience": "--patience", "subset_ratio"
 # Everything a run writes into its folder; --fresh removes exactly these, nothing a person put there.
 RUN_OUTPUTS = ("last.pt", "best.pt", "curves.png", "metrics.json", *TEST_OUTPUTS)
 MODEL_ATTRS = ("model", "config", "source", "stage1_val_acc")  # a stage-2 trial's user attributes: what it trains
+LIVE = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)  # a model's trial that has it in hand, or done
 
 
 # ----------------------------------------------------------------------------- the models to train
@@ -146,8 +147,9 @@ def candidates_from_file(path: str, args) -> list:
 
 def queue_models(study: optuna.Study, candidates: list):
     """Enqueue each model that no trial of the study has in hand (waiting, running) or done with its configuration."""
+    trials = study.get_trials(deepcopy=False)  # one read: each candidate's trials are its own
     for c in candidates:
-        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("model") == c.name]
+        mine = [t for t in trials if t.user_attrs.get("model") == c.name]
         done = [t for t in mine if t.state == TrialState.COMPLETE]
         if done and done[-1].user_attrs["config"] != c.config.to_dict():
             raise DataError(f"{c.name} was trained with another configuration than {c.source}; pass --fresh to "
@@ -177,6 +179,11 @@ def train_and_test(trial: optuna.Trial, storage, args, splits, ds, device, out_d
     if "model" not in trial.user_attrs:  # workers raced for the last waiting model and this one lost
         raise optuna.TrialPruned("no model was left waiting")
     name, cfg = trial.user_attrs["model"], TrainConfig.from_dict(trial.user_attrs["config"])
+    # Workers started together may each enqueue the same model: the lowest-numbered live trial trains it.
+    twin = next((t.number for t in trial.study.get_trials(deepcopy=False, states=LIVE)
+                 if t.number < trial.number and t.user_attrs.get("model") == name), None)
+    if twin is not None:
+        raise optuna.TrialPruned(f"trial {twin} has {name} in hand")
     trial.set_user_attr("host", socket.gethostname())  # who trains it, for the log line of its retry
     trial.set_user_attr("pid", os.getpid())
     run_dir = os.path.join(out_dir, name)
@@ -260,10 +267,9 @@ def _row(attrs: dict) -> dict:
 
 def rows_of(study: optuna.Study | None, candidates: list, out_dir: str) -> list:
     """Each model's report row: its trial's, once tested, or how far its last.pt has got."""
-    rows = []
+    rows, trials = [], study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if study else ()
     for c in candidates:
-        done = [t for t in (study.get_trials(deepcopy=False) if study else ())
-                if t.state == TrialState.COMPLETE and t.user_attrs.get("model") == c.name]
+        done = [t for t in trials if t.user_attrs.get("model") == c.name]
         if done:
             rows.append(done[-1].user_attrs["row"])
             continue
