@@ -9,6 +9,7 @@ for accuracies, the exact McNemar test for two models on the same images.
 import contextlib
 import json
 import os
+import pathlib
 import subprocess
 import tempfile
 import warnings
@@ -19,11 +20,11 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MIN_TRIALS_FOR_IMPORTANCE = 5  # fANOVA on fewer completed trials gives shares that mean little
 
 
 def pyplot():
-    """matplotlib's pyplot, drawing to files only (no display on servers and CI). Imported on first use: most
-    starts of a script (a bad flag, --help, a stage-1 worker between trials) draw nothing."""
+    """pyplot drawing to files only (servers have no display), imported on first use: most starts draw nothing."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,18 +44,9 @@ def code_version() -> str:
         return "unknown"
 
 
-def write_json(path: str, obj):
-    """Write atomically, so that a reader (or a second worker) never sees half a file."""
-    write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
-
-
-def write_text(path: str, text: str):
-    write_bytes(path, text.encode())
-
-
-def write_bytes(path: str, data: bytes):
-    """Replace `path` with `data` all at once: a kill or a full disk leaves the old file whole and no temporary
-    file behind; an OSError names `path`."""
+def write_bytes(path: str, data: bytes | str):
+    """Replace `path` with `data` (text as UTF-8) all at once: a kill or a full disk leaves the old file whole and
+    no temporary file behind; an OSError names `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = None
@@ -62,7 +54,7 @@ def write_bytes(path: str, data: bytes):
         # A unique name per writer: two workers may write the same report at once.
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())  # on the disk before the rename, or a power cut could leave an empty file
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared machine
@@ -72,17 +64,20 @@ def write_bytes(path: str, data: bytes):
             with contextlib.suppress(OSError):
                 os.remove(tmp)
         raise OSError(e.errno, e.strerror, path) from None
-    _fsync_dir(folder)  # the rename itself must survive a power cut too
-
-
-def _fsync_dir(folder: str):
-    # Windows cannot open folders and some file systems refuse fsync on them; the rename is atomic there anyway.
+    # The rename must outlast a power cut too; Windows and some file systems refuse to fsync folders (atomic there).
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+write_text = write_bytes  # one writer for both; the name says what its caller writes
+
+
+def write_json(path: str, obj):
+    write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
 
 
 class TensorBoardLogger:
@@ -94,12 +89,9 @@ class TensorBoardLogger:
         self.writer = SummaryWriter(log_dir)
 
     def __call__(self, trainer, record: dict):
-        step = record["epoch"]
-        for split in ("train", "val"):
-            self.writer.add_scalar(f"loss/{split}", record[f"{split}_loss"], step)
-            self.writer.add_scalar(f"accuracy/{split}", record[f"{split}_acc"], step)
-        self.writer.add_scalar("lr", record["lr"], step)
-        self.writer.add_scalar("throughput/train_img_s", record["train_img_s"], step)
+        for tag, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("accuracy/train", "train_acc"),
+                         ("accuracy/val", "val_acc"), ("lr", "lr"), ("throughput/train_img_s", "train_img_s")):
+            self.writer.add_scalar(tag, record[key], record["epoch"])
         self.writer.flush()
 
     def close(self):
@@ -139,13 +131,11 @@ def plot_curves(history: list, path: str, title: str):
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 4))
-    for split, style in (("train", "-"), ("val", "--")):
-        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], style, marker=".", label=split)
-        ax_acc.plot(epochs, [100 * r[f"{split}_acc"] for r in history], style, marker=".", label=split)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
+    for ax, (key, name, scale, unit) in zip(axes, (("loss", "loss", 1, ""), ("acc", "accuracy", 100, " (%)"))):
+        for split, style in (("train", "-"), ("val", "--")):
+            ax.plot(epochs, [scale * r[f"{split}_{key}"] for r in history], style, marker=".", label=split)
+        ax.set(xlabel="epoch", ylabel=name + unit, title=name)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         if len(epochs) == 1:  # matplotlib would zoom into 0.95-1.05 around a single point
             ax.set_xlim(0.5, 1.5)
@@ -158,9 +148,8 @@ def most_confident_mistakes(probs, labels, k: int = 36) -> list:
     """Indices of up to k misclassified images, the most confident (highest predicted probability) first."""
     import torch
 
-    probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
-    conf, pred = probs.max(1)
-    wrong = (pred != labels).nonzero().flatten()
+    conf, pred = torch.as_tensor(probs).max(1)
+    wrong = (pred != torch.as_tensor(labels)).nonzero().flatten()
     return wrong[conf[wrong].argsort(descending=True)][:k].tolist()
 
 
@@ -170,17 +159,16 @@ def plot_mistakes(images, labels, probs, classes: list, path: str, title: str, k
     import torch
 
     picked = most_confident_mistakes(probs, labels, k)
+    conf, pred = torch.as_tensor(probs).max(1)
     cols = 6
     rows = max(1, -(-len(picked) // cols))
     fig, axes = pyplot().subplots(rows, cols, figsize=(cols * 1.9, rows * 2.2), squeeze=False)
-    probs = torch.as_tensor(probs)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, picked):
         # nearest-neighbour upscaling shows the 32x32 pixels as they are, not a blur of them
         ax.imshow(torch.as_tensor(images[i]).permute(1, 2, 0).numpy(), interpolation="nearest")
-        conf, pred = probs[i].max(0)
-        ax.set_title(f"true: {classes[int(labels[i])]}\npred: {classes[int(pred)]} ({100 * conf:.0f} %)", fontsize=8)
+        ax.set_title(f"true: {classes[int(labels[i])]}\npred: {classes[pred[i]]} ({100 * conf[i]:.0f} %)", fontsize=8)
     if not picked:
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     save_figure(fig, path, title, dpi=110)
@@ -189,27 +177,22 @@ def plot_mistakes(images, labels, probs, classes: list, path: str, title: str, k
 
 def plot_per_class_accuracy(classes: list, correct: list, totals: list, path: str, title: str):
     """Per-class test accuracy (%) as bars with their 95 % Clopper-Pearson intervals."""
-    acc = [100 * c / n for c, n in zip(correct, totals)]
-    intervals = [accuracy_interval(c, n) for c, n in zip(correct, totals)]
-    err = [[a - 100 * lo for a, (lo, _) in zip(acc, intervals)], [100 * hi - a for a, (_, hi) in zip(acc, intervals)]]
+    acc = 100 * np.asarray(correct) / np.asarray(totals)
+    low, high = 100 * np.array([accuracy_interval(c, n) for c, n in zip(correct, totals)]).T
     fig, ax = pyplot().subplots(figsize=(9, 4))
-    ax.bar(classes, acc, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
+    ax.bar(classes, acc, yerr=[acc - low, high - acc], capsize=4, color="tab:blue", alpha=0.8)
     ax.set(ylabel="test accuracy (%), 95 % interval", ylim=(0, 105), title=title)
     ax.grid(axis="y", alpha=0.3)
-    for x, (a, (_, hi)) in enumerate(zip(acc, intervals)):
-        ax.text(x, 100 * hi + 1.5, f"{a:.1f}", ha="center", fontsize=8)  # above the interval, readable at any height
+    for x, (a, top) in enumerate(zip(acc, high)):
+        ax.text(x, top + 1.5, f"{a:.1f}", ha="center", fontsize=8)  # above the interval, readable at any height
     save_figure(fig, path)
 
 
-# ----------------------------------------------------------------------------- exact statistics
-
-
 def accuracy_interval(correct: int, total: int, level: float = 0.95) -> tuple:
-    """Clopper-Pearson interval (low, high) of correct/total, as fractions (0/n and n/n included)."""
+    """Clopper-Pearson interval (low, high) of correct/total, as fractions (0/n and n/n included); impossible
+    counts raise scipy's ValueError."""
     from scipy.stats import binomtest  # here: scipy.stats takes half a second to import, which most starts never need
 
-    if total <= 0 or not 0 <= correct <= total:
-        raise ValueError(f"need 0 <= correct <= total and total > 0, got {correct}/{total}")
     ci = binomtest(correct, total).proportion_ci(confidence_level=level, method="exact")
     return float(ci.low), float(ci.high)
 
@@ -244,11 +227,7 @@ def difference_interval(acc_a: float, n_a: int, acc_b: float, n_b: int, level: f
 
     z = float(norm.ppf(0.5 + level / 2))
     se = (acc_a * (1 - acc_a) / n_a + acc_b * (1 - acc_b) / n_b) ** 0.5
-    d = acc_a - acc_b
-    return d - z * se, d + z * se
-
-
-# ----------------------------------------------------------------------------- stage 1: the study
+    return acc_a - acc_b - z * se, acc_a - acc_b + z * se
 
 
 def completed_by_value(study: optuna.Study) -> list:
@@ -259,6 +238,12 @@ def completed_by_value(study: optuna.Study) -> list:
 def top_file(top_k: int) -> str:
     """top3.json by default: named for what it holds, and any such file is a valid stage-2 --config."""
     return f"top{top_k}.json"
+
+
+def _fmt(value, float_format=".4g") -> str:
+    if value is None or (isinstance(value, float) and value < 0):  # -1: no epoch finished
+        return ""
+    return format(value, float_format) if isinstance(value, float) else str(value)
 
 
 def write_stage1_reports(study: optuna.Study, out_dir: str, top_k: int = 3, plots: bool = True):
@@ -295,26 +280,13 @@ def write_stage1_reports(study: optuna.Study, out_dir: str, top_k: int = 3, plot
         lines += ["", f"No parameter importances: {len(done)} completed trial(s); they mean little below "
                       f"{MIN_TRIALS_FOR_IMPORTANCE}."]
     write_text(os.path.join(out_dir, "summary.md"), "\n".join(lines) + "\n")
-    if plots:
-        _write_plots(study, done, top_k, out_dir)
-
-
-def _fmt(value, float_format=".4g") -> str:
-    if value is None or (isinstance(value, float) and value < 0):  # -1: no epoch finished
-        return ""
-    return format(value, float_format) if isinstance(value, float) else str(value)
-
-
-MIN_TRIALS_FOR_IMPORTANCE = 5  # fANOVA on fewer completed trials gives shares that mean little
-
-
-def _write_plots(study: optuna.Study, done: list, top_k: int, out_dir: str):
-    """done: the completed trials, best first (completed_by_value)."""
+    if not plots:
+        return
     pyplot()  # first: it picks the file-only backend before Optuna's plots import pyplot
     import matplotlib.ticker
     from optuna.visualization import matplotlib as ovm
 
-    for t in done[:top_k]:
+    for t in top:
         plot_curves(t.user_attrs.get("history", []), os.path.join(out_dir, f"curves_trial_{t.number:04d}.png"),
                     f"trial {t.number}: best val acc {100 * t.value:.2f} %")
     # A parameter that never varied among the completed trials explains nothing; leave it out.
@@ -322,13 +294,13 @@ def _write_plots(study: optuna.Study, done: list, top_k: int, out_dir: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna's matplotlib plots are marked experimental
         target = "validation accuracy"
-        plots = {"optimization_history.png": lambda s: ovm.plot_optimization_history(s, target_name=target)}
+        charts = {"optimization_history.png": lambda s: ovm.plot_optimization_history(s, target_name=target)}
         if len(done) >= 2 and varied:
-            plots["parallel_coordinate.png"] = lambda s: ovm.plot_parallel_coordinate(s, varied, target_name=target)
-            plots["slice.png"] = lambda s: ovm.plot_slice(s, params=varied, target_name=target)
+            charts["parallel_coordinate.png"] = lambda s: ovm.plot_parallel_coordinate(s, varied, target_name=target)
+            charts["slice.png"] = lambda s: ovm.plot_slice(s, params=varied, target_name=target)
         if len(done) >= MIN_TRIALS_FOR_IMPORTANCE and varied:
-            plots["param_importances.png"] = lambda s: ovm.plot_param_importances(s, params=varied)
-        for name, plot in plots.items():
+            charts["param_importances.png"] = lambda s: ovm.plot_param_importances(s, params=varied)
+        for name, plot in charts.items():
             try:
                 ax = plot(study)
             except (ValueError, RuntimeError) as e:  # e.g. all completed trials share one value
@@ -344,17 +316,12 @@ def _write_plots(study: optuna.Study, done: list, top_k: int, out_dir: str):
             save_figure(fig, os.path.join(out_dir, name))
 
 
-# ----------------------------------------------------------------------------- stage 2: the final models
-
-
 def test_row(m: dict, run_dir: str) -> dict:
     """A model's report fields from evaluate.py's metrics and its classification_report.txt."""
-    with open(os.path.join(run_dir, "classification_report.txt")) as f:
-        report = f.read()
     return dict(test_acc=m["accuracy"], test_acc_ci95=m["accuracy_ci95"], precision=m["macro"]["precision"],
                 recall=m["macro"]["recall"], f1=m["macro"]["f1"], best_val_acc=m["val_acc"], best_epoch=m["epoch"],
                 val_minus_test_ci95=m.get("val_minus_test_ci95"), test_images=m["test_images"],
-                classification_report=report)
+                classification_report=pathlib.Path(run_dir, "classification_report.txt").read_text())
 
 
 def epochs_phrase(n: int) -> str:
@@ -366,23 +333,20 @@ def _pct(x) -> str:
 
 
 def plot_comparison(rows: list, path: str):
-    """Test accuracy and macro precision, recall and F1, grouped by model."""
-    metrics = [("test_acc", "accuracy"), ("precision", "macro precision"), ("recall", "macro recall"),
-               ("f1", "macro F1")]
+    metrics = {"test_acc": "accuracy", "precision": "macro precision", "recall": "macro recall", "f1": "macro F1"}
     x = np.arange(len(rows))
     width = 0.8 / len(metrics)
     fig, ax = pyplot().subplots(figsize=(max(6, 2.2 * len(rows) + 2), 4.5))
-    for k, (key, label) in enumerate(metrics):
+    for k, (key, label) in enumerate(metrics.items()):
         bars = ax.bar(x + (k - (len(metrics) - 1) / 2) * width, [100 * r[key] for r in rows], width, label=label)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    lowest = min(100 * r[key] for r in rows for key, _ in metrics)
-    # Models a few points apart look identical on a 0-100 axis; start just below the lowest bar.
-    ax.set_ylim(max(0, 10 * (lowest // 10) - 10), 104)  # 104: room for the labels of bars near 100
+    lowest = min(100 * r[key] for r in rows for key in metrics)
+    # Models a few points apart look identical on a 0-100 axis; start just below the lowest bar, and say it when
+    # the axis does not start at 0, so that bar heights are not read as ratios.
+    bottom = max(0, 10 * (lowest // 10) - 10)
     ax.set_xticks(x, [r["model"] for r in rows])
-    bottom = ax.get_ylim()[0]
-    # Say it when the axis does not start at 0, so that bar heights are not read as ratios.
-    ax.set(ylabel="% on the test set" + (f" (axis starts at {bottom:.0f} %)" if bottom > 0 else ""),
-           title="Stage 2: test-set metrics per model")
+    ax.set(ylim=(bottom, 104), title="Stage 2: test-set metrics per model",  # 104: room for labels of bars near 100
+           ylabel="% on the test set" + (f" (axis starts at {bottom:.0f} %)" if bottom > 0 else ""))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(metrics), fontsize=8)  # below: never over a bar
     save_figure(fig, path)
@@ -396,16 +360,11 @@ def pairwise_tests(rows: list, out_dir: str) -> list:
     for r in rows:
         path = os.path.join(out_dir, r["model"], PREDICTIONS_FILE)
         if r.get("test_acc") is not None and os.path.isfile(path):
-            with open(path) as f:
-                p = json.load(f)
+            p = json.loads(pathlib.Path(path).read_text())
             correct[r["model"]] = np.asarray(p["preds"]) == np.asarray(p["labels"])
     order = sorted(correct, key=lambda name: -correct[name].mean())
     return [{"a": a, "b": b, **mcnemar(correct[a], correct[b])}
             for i, a in enumerate(order) for b in order[i + 1:] if len(correct[a]) == len(correct[b])]
-
-
-def _interval(ci) -> str:
-    return "" if not ci else f"{100 * ci[0]:.2f}-{100 * ci[1]:.2f}"
 
 
 def write_stage2_report(rows: list, out_dir: str, subset: float, patience: int):
@@ -413,15 +372,14 @@ def write_stage2_report(rows: list, out_dir: str, subset: float, patience: int):
     pairs = pairwise_tests(rows, out_dir)
     if tested:
         plot_comparison(tested, os.path.join(out_dir, "comparison.png"))
-    n_test = tested[0]["test_images"] if tested else 0
     lines = [
         "# Stage 2: final models on the CIFAR-10 test set", "",
         f"{len(rows)} model(s), each retrained from scratch on "
         f"{'all training images' if subset >= 1 else f'a stratified {100 * subset:g} % of the training images'}"
         f" but the 5,000 held out for validation, with early stopping on those (patience {patience}, at most "
         f"{epochs_phrase(max(r['max_epochs'] for r in rows))}), "
-        + (f"then tested once, at its best validation epoch, on the {n_test:,} test images. " if tested
-           else "to be tested once, at its best validation epoch, on the test images; none is tested yet. ") +
+        + (f"then tested once, at its best validation epoch, on the {tested[0]['test_images']:,} test images. "
+           if tested else "to be tested once, at its best validation epoch, on the test images; none is tested yet. ") +
         f"Code version `{code_version()}`.", "",
         "Accuracies in percent; each test accuracy with its exact 95 % (Clopper-Pearson) interval over the test "
         "images, and the validation-minus-test gap with its 95 % interval (normal approximation; validation is "
@@ -432,17 +390,43 @@ def write_stage2_report(rows: list, out_dir: str, subset: float, patience: int):
         "(95 % interval) | epochs run |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    sections = []  # each model's own part, after the table and the tests
     for r in rows:
         run = f"{r['epochs_run']} of {r['max_epochs']}" + (", stopped early" if r["stopped_early"] else "")
+        cfg = " ".join(f"`{k}={v}`" for k, v in r["config"].items())
+        stage1 = (f" Its stage-1 validation accuracy was {_pct(r['stage1_val_acc'])}."
+                  if r["stage1_val_acc"] is not None else "")
+        sections += ["", f"## {r['model']}", "", f"From {r['source']}.{stage1}", "", f"Configuration: {cfg}", ""]
+        if r["failure"]:
+            sections += [f"Training failed: {r['failure']}.", ""]
+        if r.get("unfinished"):
+            sections += [f"{r['unfinished'][0].upper()}{r['unfinished'][1:]}.", ""]
         if r.get("test_acc") is None:
             lines.append(f"| {r['model']} | not tested | | | | | | | {run}: {r['failure'] or r.get('unfinished')} |")
+            if os.path.isfile(os.path.join(out_dir, r["model"], "curves.png")):  # an unstarted model has none
+                sections += [f"![training curves]({r['model']}/curves.png)"]
             continue
         gap = f"{100 * (r['best_val_acc'] - r['test_acc']):+.2f} points"
-        if r.get("val_minus_test_ci95"):
-            gap += f" ({100 * r['val_minus_test_ci95'][0]:+.2f} to {100 * r['val_minus_test_ci95'][1]:+.2f})"
-        lines.append(f"| {r['model']} | {_pct(r['test_acc'])} | {_interval(r.get('test_acc_ci95'))} | "
-                     f"{_pct(r['precision'])} | {_pct(r['recall'])} | {_pct(r['f1'])} | {_pct(r['best_val_acc'])} "
-                     f"(epoch {r['best_epoch']}) | {gap} | {run} |")
+        gap_ci = r.get("val_minus_test_ci95")
+        gap_cell = gap + (f" ({100 * gap_ci[0]:+.2f} to {100 * gap_ci[1]:+.2f})" if gap_ci else "")
+        interval = "-".join(f"{100 * end:.2f}" for end in r.get("test_acc_ci95") or ())
+        acc, prec, rec, f1, val = (_pct(r[k]) for k in ("test_acc", "precision", "recall", "f1", "best_val_acc"))
+        lines.append(f"| {r['model']} | {acc} | {interval} | {prec} | {rec} | {f1} | {val} (epoch {r['best_epoch']}) | "
+                     f"{gap_cell} | {run} |")
+        why = (f"stopped early after {epochs_phrase(r['epochs_run'])} without a better validation accuracy for "
+               f"{r['config']['patience']}" if r["stopped_early"]
+               else f"trained {r['epochs_run']} of {epochs_phrase(r['max_epochs'])}")
+        sections += [
+            f"It {why}; its best validation accuracy, {val}, came at epoch {r['best_epoch']}. On the test set: "
+            f"accuracy {acc}, macro precision {prec}, recall {rec}, F1 {f1}; validation minus test {gap}.", "",
+            f"![training and validation curves]({r['model']}/curves.png)", "",
+            f"![confusion matrix, counts and row-normalised]({r['model']}/confusion_matrix.png)", "",
+            f"![per-class test accuracy with 95 % intervals]({r['model']}/per_class_accuracy.png)", "",
+            f"![the 36 most confident mistakes]({r['model']}/mistakes.png)", "",
+            f"[test_metrics.json]({r['model']}/test_metrics.json) · "
+            f"[confusion_matrix.csv]({r['model']}/confusion_matrix.csv)", "",
+            "```", r["classification_report"].rstrip(), "```",
+        ]
     if tested:
         lines += ["", "![test accuracy, macro precision, recall and F1 per model](comparison.png)"]
     if pairs:
@@ -455,36 +439,7 @@ def write_stage2_report(rows: list, out_dir: str, subset: float, patience: int):
         for t in pairs:
             lines.append(f"| {t['a']} | {t['b']} | {t['a_only']} | {t['b_only']} | {t['p_value']:.3g} | "
                          f"{'A better' if t['p_value'] < 0.05 else 'no significant difference'} |")
-    for r in rows:
-        cfg = " ".join(f"`{k}={v}`" for k, v in r["config"].items())
-        stage1 = (f" Its stage-1 validation accuracy was {_pct(r['stage1_val_acc'])}."
-                  if r["stage1_val_acc"] is not None else "")
-        why = (f"stopped early after {epochs_phrase(r['epochs_run'])} without a better validation accuracy for "
-               f"{r['config']['patience']}" if r["stopped_early"]
-               else f"trained {r['epochs_run']} of {epochs_phrase(r['max_epochs'])}")
-        lines += ["", f"## {r['model']}", "", f"From {r['source']}.{stage1}", "", f"Configuration: {cfg}", ""]
-        if r["failure"]:
-            lines += [f"Training failed: {r['failure']}.", ""]
-        if r.get("unfinished"):
-            lines += [f"{r['unfinished'][0].upper()}{r['unfinished'][1:]}.", ""]
-        if r.get("test_acc") is None:
-            if os.path.isfile(os.path.join(out_dir, r["model"], "curves.png")):  # an unstarted model has none
-                lines += [f"![training curves]({r['model']}/curves.png)"]
-            continue
-        lines += [
-            f"It {why}; its best validation accuracy, {_pct(r['best_val_acc'])}, came at epoch {r['best_epoch']}. "
-            f"On the test set: accuracy {_pct(r['test_acc'])}, macro precision {_pct(r['precision'])}, "
-            f"recall {_pct(r['recall'])}, F1 {_pct(r['f1'])}; validation minus test "
-            f"{100 * (r['best_val_acc'] - r['test_acc']):+.2f} points.", "",
-            f"![training and validation curves]({r['model']}/curves.png)", "",
-            f"![confusion matrix, counts and row-normalised]({r['model']}/confusion_matrix.png)", "",
-            f"![per-class test accuracy with 95 % intervals]({r['model']}/per_class_accuracy.png)", "",
-            f"![the 36 most confident mistakes]({r['model']}/mistakes.png)", "",
-            f"[test_metrics.json]({r['model']}/test_metrics.json) · "
-            f"[confusion_matrix.csv]({r['model']}/confusion_matrix.csv)", "",
-            "```", r["classification_report"].rstrip(), "```",
-        ]
-    write_text(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
+    write_text(os.path.join(out_dir, "report.md"), "\n".join(lines + sections) + "\n")
     models = [{k: v for k, v in r.items() if k != "classification_report"} for r in rows]
     write_json(os.path.join(out_dir, "summary.json"), {"accuracy_unit": "fraction", "models": models,
                                                        "pairwise_mcnemar": pairs})
