@@ -10,12 +10,12 @@ per-epoch history, best validation accuracy, wall time) under --out.
 """
 
 import argparse
-import glob
 import json
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,9 +57,8 @@ def variant_config(name: str, seed: int = 0, epochs: int = 10, subset: float = 0
 
 def run_one(name: str, seed: int, splits, device, epochs: int, subset: float, out: str) -> dict:
     """A variant's run, or the JSON of the one that finished before."""
-    if os.path.isfile(path := os.path.join(out, f"{name}_seed{seed}.json")):
-        with open(path) as f:
-            return json.load(f)
+    if (path := Path(out, f"{name}_seed{seed}.json")).is_file():
+        return json.loads(path.read_text())
     cfg = variant_config(name, seed, epochs, subset)
     trainer = Trainer(cfg, splits.train_images, splits.train_labels, splits.val_images, splits.val_labels, device)
     t0 = time.perf_counter()
@@ -68,7 +67,7 @@ def run_one(name: str, seed: int, splits, device, epochs: int, subset: float, ou
               "best_epoch": trainer.best_epoch, "final_val_acc": trainer.history[-1]["val_acc"],
               "wall_s": time.perf_counter() - t0, "train_images": len(splits.train_images),
               "val_images": len(splits.val_images), "device": str(device), "history": trainer.history}
-    write_json(path, result)
+    write_json(str(path), result)
     print(f"{name} seed {seed}: best val acc {trainer.best_acc:.2%} (epoch {trainer.best_epoch}), "
           f"{result['wall_s']:.0f} s", flush=True)
     return result
@@ -76,16 +75,12 @@ def run_one(name: str, seed: int, splits, device, epochs: int, subset: float, ou
 
 def table(out: str) -> str:
     """Markdown: a row per variant that has run, in VARIANTS order, with every seed's figures."""
-    runs = {}
-    for path in sorted(glob.glob(os.path.join(out, "*.json"))):
-        with open(path) as f:
-            run = json.load(f)
-        runs.setdefault(run["variant"], []).append(run)
+    runs = [json.loads(path.read_text()) for path in Path(out).glob("*.json")]
     lines = ["| variant | change from plain | seeds | best val acc per seed (%) | mean (%) | final val acc (%) "
              "| train acc, last epoch (%) | wall time per run (min) | fastest epoch (s) |",
              "|---|---|---|---|--:|--:|--:|--:|--:|"]
     for name in VARIANTS:
-        rs = sorted(runs.get(name, []), key=lambda r: r["seed"])
+        rs = sorted((r for r in runs if r["variant"] == name), key=lambda r: r["seed"])
         if rs:
             accs = [100 * r["best_val_acc"] for r in rs]
             cells = [name, ", ".join(f"{k}={v}" for k, v in VARIANTS[name].items() if PLAIN.get(k) != v) or "-",

@@ -4,13 +4,12 @@
     python tools/bench.py --ops-only                # only the operations, eager and compiled
     python tools/bench.py --grid --json grid.json   # each configuration of stage 1's space that differs in cost
 
-This module owns these measurements, taken through the Trainer as the stages run it, in training's precision.
-The default run times the seed's configuration (configs/seed_recipe.json): a step with its augmentation
-(images/s), a validation, the setup and a checkpoint; then it counts the operations a step dispatches,
-augmentation's share included (torch.profiler), eager and, but with --quick, compiled. A CPU counts in bf16:
-its count stands in for the kernels a GPU launches. --grid times, on the costliest recipe either stage runs,
-every configuration of stage 1's search space that differs in a step's cost: tools/check_gpu.py projects the
-plan from them. The images are random: a step costs the same whatever they show.
+This module owns these measurements, taken through the Trainer as the stages run it, in training's precision,
+on random images (a step costs the same whatever they show). The default run times the seed's configuration
+(configs/seed_recipe.json), then counts the operations a step dispatches, augmentation's share included, eager
+and, but with --quick, compiled; a CPU counts in bf16, standing in for the kernels a GPU launches. --grid times,
+on the costliest recipe either stage runs, every configuration of stage 1's space that differs in a step's cost:
+tools/check_gpu.py projects the plan from them.
 """
 
 import argparse
@@ -31,7 +30,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from data import AUGMENT_CHUNK  # noqa: E402
+from cli import DEVICE_HELP, resolve_device  # noqa: E402
+from data import AUGMENT_CHUNK, DataError  # noqa: E402
 from train import AMP_MODES, LONG_RECIPE, TrainConfig, Trainer, evaluate, pick_device, resolve_amp  # noqa: E402
 
 PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
@@ -55,10 +55,9 @@ def seed_config(**changes) -> TrainConfig:
 def open_device(name: str) -> torch.device:
     """--device made current (so that torch.cuda.synchronize() waits for it), or one line and exit 1."""
     try:
-        device = pick_device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        sys.exit(f"error: cannot use device {name!r}: {str(e).splitlines()[0]}")
+        device = resolve_device(name)
+    except DataError as e:
+        sys.exit(f"error: {e}")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     return device
@@ -90,11 +89,10 @@ def random_images(n: int, device):
 
 
 def config_times(cfg: TrainConfig, device, amp: str = "auto", smoke: bool = False) -> dict:
-    """cfg's costs as a stage pays them, over epochs of two augmentation calls' images (each step bears its real share
-    of the augmentation): setup_s (model, weights, optimizer), step_s (in each of two epochs after a first one),
-    val_s (a validation of 5,000 images in the stages' precision; on a CPU 500, scaled up), test_s (the test of
-    10,000 in float32), warmup_s (what the first epoch and validation took beyond the later ones), save_s (a
-    checkpoint). smoke: a 16th of the batch, one step an epoch, 16 validation images: its times mean nothing."""
+    """cfg's costs as a stage pays them: setup_s, step_s (in each of two epochs after a first, of two augmentation
+    calls' images so that each step bears its share), val_s (5,000 images in the stages' precision) and test_s (10,000
+    in float32), both scaled up from fewer images, warmup_s (the first epoch and validation beyond the later ones) and
+    save_s (a checkpoint). smoke: a 16th of the batch, one step an epoch: its times mean nothing."""
     from checkpoint import save_checkpoint
 
     if smoke:
@@ -136,26 +134,21 @@ LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaLaunch
 
 def count_dispatched(events) -> dict:
     """A profile's "ops": the outermost aten calls (from Python, autograd or a compiled graph) that do work,
-    themselves or through a child, plus each fused C++ kernel of a compiled graph; and "kernel_launches" where
+    themselves or through a child, plus each fused C++ kernel of a compiled graph; and "launches" (of kernels) where
     the profile has CUDA's runtime calls (a GPU's Triton kernels are no profiler event of their own)."""
-    memo = {}
-
+    @functools.cache  # once an event: every ancestor asks of its children
     def works(e) -> bool:
-        if id(e) not in memo:
-            itself = e.name not in NO_KERNEL if e.name.startswith("aten::") else "cpp_fused" in e.name
-            memo[id(e)] = itself or any(works(c) for c in e.cpu_children)
-        return memo[id(e)]
+        itself = e.name not in NO_KERNEL if e.name.startswith("aten::") else "cpp_fused" in e.name
+        return itself or any(works(c) for c in e.cpu_children)
 
-    def outermost(e) -> bool:
-        p = e.cpu_parent
-        while p is not None and not p.name.startswith("aten::"):
-            p = p.cpu_parent
-        return p is None
+    @functools.cache
+    def under_aten(e) -> bool:
+        return e.cpu_parent is not None and (e.cpu_parent.name.startswith("aten::") or under_aten(e.cpu_parent))
 
-    counts = {"ops": sum(1 for e in events if (e.name.startswith("aten::") and outermost(e) and works(e))
+    counts = {"ops": sum(1 for e in events if (e.name.startswith("aten::") and not under_aten(e) and works(e))
                          or "cpp_fused" in e.name)}
     launches = sum(1 for e in events if e.name.startswith(LAUNCHES))
-    return {**counts, "kernel_launches": launches} if launches else counts
+    return {**counts, "launches": launches} if launches else counts
 
 
 def step_ops(config: dict, device_arg: str, amp: str, compile: str) -> dict:
@@ -185,8 +178,8 @@ def ops_figures(device_arg: str, amp: str = "auto", modes=("off", "default"), cf
     for mode in modes:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
             counts = fresh.submit(step_ops, cfg.to_dict(), device_arg, amp, mode).result()
-        for kind, count in counts.items():  # "ops", and on a GPU "kernel_launches"
-            r[f"{kind.replace('kernel_', '')}_per_step_{'eager' if mode == 'off' else 'compiled'}"] = count
+        for kind, count in counts.items():  # "ops", and on a GPU "launches"
+            r[f"{kind}_per_step_{'eager' if mode == 'off' else 'compiled'}"] = count
     return r
 
 
@@ -197,7 +190,7 @@ def search_grid() -> list:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--amp", choices=AMP_MODES, default="auto", help="the steps' precision (default: auto, training's)")
     p.add_argument("--quick", action="store_true", help="count the eager step's operations only")
     p.add_argument("--ops-only", action="store_true", help="only count a step's operations, eager and compiled")

@@ -3,12 +3,10 @@
     python tools/check_gpu.py --out check [--data-dir data] [--device auto] [--pack]
     python tools/check_gpu.py --device cpu --smoke --out /tmp/check   # every run tiny: a test that all runs
 
-This module owns the check: its runs (RUNS: tools/bench.py, its grid of the search space's step times, a
-2-trial stage 1 and a 3-epoch stage 2 on stage 1's proxy, each in a process of its own, writing under
-OUT/results/), the subset of the images that travels to a lent machine, the projection of the plan (`project`:
-each configuration's steps times its step time, plus what the stages cost besides; an upper bound on the
-costliest configuration at the speeds measured, and an estimate), and OUT/check.json and check.md
-(docs/speed.md explains them). About 5 minutes on one H100 or H200: an estimate, not yet timed on one.
+This module owns the check: its runs (RUNS: tools/bench.py, its grid of the search space's step times, a 2-trial
+stage 1 and a 3-epoch stage 2 on stage 1's proxy, each in a process of its own, writing under OUT/results/), the
+subset of the images that travels to a lent machine, the projection of the plan (`project`) and OUT/check.json and
+check.md (docs/speed.md explains them). About 5 minutes on one H100 or H200: an estimate, not yet timed on one.
 
 On a GPU machine lent through the project's device tool (no internet, no Optuna, at most 64 MiB carried, tree
 included), bring Optuna's wheels and the check's subset of the images in .devdata/ (which git ignores):
@@ -20,8 +18,7 @@ included), bring Optuna's wheels and the check's subset of the images in .devdat
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .devdata/check/*.whl && export PYTHONPATH=/tmp/site \\
       && python3 tools/check_gpu.py --data-npz .devdata/check/cifar10-check.npz --data-dir /tmp/data --out "$OUT" --pack
 
-$OUT then brings back check.json, check.md and results.tar.gz (results/ without checkpoints). The check's copy
-of the images (`make_check_data`, about 8 MiB) holds the real JPEGs where its runs read them.
+$OUT then brings back check.json, check.md and results.tar.gz (results/ without checkpoints).
 """
 
 import argparse
@@ -44,7 +41,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-from cli import OneLineParser, clock  # noqa: E402
+from cli import DEVICE_HELP, OneLineParser, clock  # noqa: E402
 from data import DataError, load_cifar10  # noqa: E402
 from tools.bench import PRECISION, config_name, device_name, open_device, seed_config  # noqa: E402
 from train import resolve_amp  # noqa: E402
@@ -126,9 +123,9 @@ def run(name: str, cmd: list, log_path: str) -> dict:
     """One of the project's scripts, its output kept in log_path; its last line is shown, and the error if it failed."""
     print(f"== {name}: python {' '.join(cmd[1:])}", flush=True)
     t0 = time.monotonic()
-    with open(log_path, "w") as log:
+    with open(log_path, "w+") as log:
         ok = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode == 0
-    with open(log_path) as log:
+        log.seek(0)
         last = ([line.strip() for line in log if line.strip()] or ["no output"])[-1]
     print(f"   {'done' if ok else 'FAILED'} in {clock(time.monotonic() - t0, precise=True)}: {last}", flush=True)
     return {"ok": ok, "wall_s": time.monotonic() - t0, **({} if ok else {"error": last})}
@@ -145,27 +142,22 @@ def run_figures(history: list, batch_size: int) -> dict:
 
 
 def stage1_figures(results: str) -> dict:
-    """Each trial's configuration and epochs (its folder), and its span in the study's storage (RESULTS/stage1.db):
-    from its start to the next trial's, or for the last to its end."""
+    """Each finished trial's configuration and epochs, and its span: from its start to the next trial's, or for the
+    last to its end. All from the study in RESULTS/stage1.db (the first: stage 2's own comes after it)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    spans, trials = {}, []
+    storage = f"sqlite:///{os.path.join(results, 'stage1.db')}"
     try:
-        storage = f"sqlite:///{os.path.join(results, 'stage1.db')}"
-        done = [t for t in optuna.load_study(study_name=optuna.get_all_study_names(storage)[0],
-                                             storage=storage).trials if t.datetime_complete]
-        ends = [t.datetime_start for t in done[1:]] + [done[-1].datetime_complete]
-        spans = {t.number: (end - t.datetime_start).total_seconds() for t, end in zip(done, ends)}
-    except Exception:  # no study, or none readable: stage_costs does without the spans
-        pass
-    for path in sorted(glob.glob(os.path.join(results, "stage1", "trial_*", "metrics.json"))):
-        m, config = _load(path), _load(os.path.join(os.path.dirname(path), "config.json"))["config"]
-        number = int(os.path.basename(os.path.dirname(path))[len("trial_"):])
-        if m["history"]:
-            trials.append({"config": config, "train_time_s": m["train_time_s"], **run_figures(m["history"],
-                          config["batch_size"]), **({"span_s": spans[number]} if number in spans else {})})
-    return {"trials": trials}
+        study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    except Exception:  # no study, or none readable: the projection goes without stage 1's costs
+        return {"trials": []}
+    done = [t for t in study.trials if t.datetime_complete]
+    ends = [t.datetime_start for t in done[1:]] + [t.datetime_complete for t in done[-1:]]
+    return {"trials": [{"config": t.user_attrs["config"], "train_time_s": t.user_attrs["train_time_s"],
+                        "span_s": (end - t.datetime_start).total_seconds(),
+                        **run_figures(t.user_attrs["history"], t.user_attrs["config"]["batch_size"])}
+                       for t, end in zip(done, ends) if t.user_attrs.get("history")]}
 
 
 def stage2_figures(results: str) -> dict:
@@ -177,7 +169,6 @@ def stage2_figures(results: str) -> dict:
         state, tested = torch.load(path, weights_only=True), os.path.join(os.path.dirname(path), "test_metrics.json")
         models.append({"model": os.path.basename(os.path.dirname(path)), "config": state["config"],
                        **run_figures(state["history"], state["config"]["batch_size"]),
-                       "saves": state["epoch"] + sum(1 for r in state["history"] if r.get("is_best")),
                        "test_acc": _load(tested)["accuracy"] if os.path.isfile(tested) else None})
     return {"models": models}
 
@@ -186,33 +177,28 @@ def stage_costs(grid: dict, stage1: dict, stage2: dict, agg) -> dict:
     """What the plan costs besides the grid's figures, from the stages' runs (agg: max for the bound, mean for the
     estimate): epoch_extra_s, an epoch's besides training, validation and checkpoint (pruner, TensorBoard);
     trial_overhead_s, a trial's besides setup and epochs, with its warm-up beyond the grid's; stage1_one_off_s, the
-    stage's start, data and reports (without spans, a trial's share is its overhead); model_fixed_s, a model's."""
+    stage's start, data and reports; model_fixed_s, a model's (two checkpoints an epoch, as run_s charges them)."""
     rows = {config_name(r): r for r in grid.get("configs", [])}
     zero = dict.fromkeys(("setup_s", "save_s", "test_s", "warmup_s"), 0.0)
     costs = dict.fromkeys(("epoch_extra_s", "trial_overhead_s", "stage1_one_off_s", "model_fixed_s"), 0.0)
-    trials = stage1.get("trials", [])
-    if trials:
+    if trials := stage1.get("trials"):
         row = [rows.get(config_name(t["config"]), zero) for t in trials]
-        spans = [t.get("span_s", stage1["wall_s"] / len(trials)) for t in trials]
         costs["epoch_extra_s"] = agg([max(0.0, (t["train_time_s"] - t["epochs_s"]) / t["epochs_run"] - r["save_s"])
                                       for t, r in zip(trials, row)])
-        costs["trial_overhead_s"] = agg([max(0.0, span - t["train_time_s"] - r["setup_s"])  # and its extra warm-up
-                                         + max(0.0, t["warmup_s"] - r["warmup_s"])
-                                         for span, t, r in zip(spans, trials, row)])
-        costs["stage1_one_off_s"] = max(0.0, stage1["wall_s"] - sum(spans))
-    if stage2.get("models"):  # the stage ran this one model: all its time besides the epochs is the model's
-        m = stage2["models"][0]
-        r = rows.get(config_name(m["config"]), zero)
-        rest = (stage2["wall_s"] - m["epochs_s"] - m["saves"] * r["save_s"] - r["setup_s"]
-                - m["epochs_run"] * costs["epoch_extra_s"] - r["test_s"])
+        costs["trial_overhead_s"] = agg([max(0.0, t["span_s"] - t["train_time_s"] - r["setup_s"])
+                                         + max(0.0, t["warmup_s"] - r["warmup_s"]) for t, r in zip(trials, row)])
+        costs["stage1_one_off_s"] = max(0.0, stage1["wall_s"] - sum(t["span_s"] for t in trials))
+    if models := stage2.get("models"):  # the stage ran this one model: all its time besides the epochs is the model's
+        m, r = models[0], rows.get(config_name(models[0]["config"]), zero)
+        rest = (stage2["wall_s"] - m["epochs_s"] - m["epochs_run"] * (2 * r["save_s"] + costs["epoch_extra_s"])
+                - r["setup_s"] - r["test_s"])
         costs["model_fixed_s"] = max(0.0, rest) + max(0.0, m["warmup_s"] - r["warmup_s"])
     return costs
 
 
 def run_s(row: dict, step_s: float, costs: dict, stage: int) -> float:
-    """A stage-1 trial (20 epochs of 9,000 images, each with a validation and a checkpoint) or a stage-2 model (120
-    epochs of 45,000, each with a validation and two checkpoints, then the float32 test of 10,000) of row's
-    configuration, at full length."""
+    """A stage-1 trial or a stage-2 model (with its float32 test) of row's configuration at full length; each epoch
+    has a validation and a checkpoint, stage 2's two (last.pt and best.pt)."""
     images, epochs, saves = ((PLAN["stage1_images"], PLAN["stage1_epochs"], 1) if stage == 1 else
                              (PLAN["stage2_images"], PLAN["stage2_epochs"], 2))
     epoch = images // row["batch_size"] * step_s + row["val_s"] + saves * row["save_s"] + costs["epoch_extra_s"]
@@ -225,30 +211,30 @@ def project(grid: dict, stage1: dict, stage2: dict) -> dict:
     the costliest configuration (stage 2's is unknown before stage 1 ends), each step the slower of the grid's two
     epochs', scaled up where the stages' own steps ran slower. "estimate": stage 1's trials evenly over the
     configurations, stage 2's of the seed's, the grid's mean steps scaled by the stages' median ratio."""
-    rows = grid.get("configs", [])
+    rows = {config_name(r): r for r in grid.get("configs", [])}
     if not rows:
         return {**PLAN, "note": "no projection: the grid of step times did not run"}
-    by_name, seed = {config_name(r): r for r in rows}, config_name(seed_config().to_dict())
-    ratios = [run["step_s"] / statistics.mean(by_name[config_name(run["config"])]["step_s"])
-              for run in stage1.get("trials", []) + stage2.get("models", [])  # the stages' steps over the grid's
-              if config_name(run["config"]) in by_name and run["epochs_run"] > 1]
+    ratios = [run["step_s"] / statistics.mean(rows[config_name(run["config"])]["step_s"])  # the stages' over the grid's
+              for run in stage1.get("trials", []) + stage2.get("models", [])
+              if config_name(run["config"]) in rows and run["epochs_run"] > 1]
     plan = {**PLAN, "step_ratios": ratios, "upper_bound": "bound"}  # the one figure called an upper bound
-    for kind, agg in (("bound", max), ("estimate", statistics.mean)):
+    seed = config_name(seed_config().to_dict())
+    for kind, agg, scale in (("bound", max, max([1.0, *ratios])),
+                             ("estimate", statistics.mean, statistics.median(ratios or [1.0]))):
         costs = stage_costs(grid, stage1, stage2, agg)
-        scale = max([1.0, *ratios]) if kind == "bound" else statistics.median(ratios or [1.0])
-        trials, models = ({config_name(r): run_s(r, scale * agg(r["step_s"]), costs, stage) for r in rows}
+        trials, models = ({name: run_s(r, scale * agg(r["step_s"]), costs, stage) for name, r in rows.items()}
                           for stage in (1, 2))
+        which1 = which2 = f"the mean of the {len(rows)} configurations"
         if kind == "bound":
             which1, which2 = (f"all of {max(times, key=times.get)}" for times in (trials, models))
-        else:
-            which1 = which2 = f"the mean of the {len(rows)} configurations"
-            if seed in models:  # a smoke test's grid has no configuration of the seed's batch
-                models, which2 = {seed: models[seed]}, f"the seed's, {seed}"
-        stage1_s = costs["stage1_one_off_s"] + PLAN["stage1_trials"] * agg(trials.values())
-        stage2_s = PLAN["stage2_models"] * agg(models.values())
+        elif seed in models:  # a smoke test's grid has no configuration of the seed's batch
+            models, which2 = {seed: models[seed]}, f"the seed's, {seed}"
+        trial_s, model_s = agg(trials.values()), agg(models.values())
+        stage1_s = costs["stage1_one_off_s"] + PLAN["stage1_trials"] * trial_s
+        stage2_s = PLAN["stage2_models"] * model_s
         plan[kind] = {"stage1_s": stage1_s, "stage2_s": stage2_s, "total_s": stage1_s + stage2_s, "step_scale": scale,
-                      "trial_s": agg(trials.values()), "model_s": agg(models.values()), "stage1_configs": which1,
-                      "stage2_configs": which2, **costs}
+                      "trial_s": trial_s, "model_s": model_s, "stage1_configs": which1, "stage2_configs": which2,
+                      **costs}
     return plan
 
 
@@ -281,7 +267,7 @@ def main(argv=None):
                       help="only write the images' copy that travels to a lent machine (about 8 MiB)")
     p.add_argument("--data-dir", default="data", help="the folder holding cifar-10-batches-py/ (default: data)")
     p.add_argument("--data-npz", metavar="NPZ", help="first rebuild CIFAR-10 in --data-dir from this --make-data file")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--smoke", action="store_true", help="tiny runs: a test that all runs, minutes on 2 CPU cores")
     p.add_argument("--pack", action="store_true", help="OUT/results/ as results.tar.gz, without the checkpoints")
     args = p.parse_args(argv)
