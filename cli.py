@@ -76,12 +76,6 @@ def add_worker_flags(parser: argparse.ArgumentParser, what: str):
     parser.add_argument("--time-limit", type=duration, default=None, metavar="DURATION", help=TIME_LIMIT_HELP)
 
 
-def continue_command(script: str, argv: list | None, redact=lambda arg: arg) -> str:
-    """The command line that continues this run: the same one, passed through `redact` so no password reaches a log."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    return shlex.join(["python", script, *(redact(a) for a in args)])
-
-
 def clock(seconds: float, precise: bool = False) -> str:
     """A duration for an ETA: '2 h 05 min', or '7 min' under an hour; precise (a measured step's wall
     time): '7 min 05 s' under an hour and '45 s' under a minute."""
@@ -206,7 +200,19 @@ def nothing_fits(who: str, last_epoch_s: float | None) -> StoppedForTime:
 
 
 class ResultsError(RuntimeError):
-    """The results folder cannot be written; the message says which and why."""
+    """The results folder cannot be written, or a worker failed; the message says which and why."""
+
+
+def raise_for(stop: str | None, time_limit: StoppedForTime, kept: str):
+    """Raise how a stage's workers ended (storage.optimize's or run_workers' answer): Interrupted for a Ctrl-C or
+    SIGTERM, `time_limit` for --time-limit, a ResultsError for a worker's error (`kept`: what survives it)."""
+    if stop == "interrupted":
+        raise Interrupted(stop_requested() or signal.SIGINT)
+    if stop == "time":
+        raise time_limit
+    if stop == "failed":
+        raise ResultsError(f"a worker stopped with an error (its line is above); {kept}: run the same command to "
+                           f"continue")
 
 
 class StorageError(RuntimeError):
@@ -221,7 +227,9 @@ def run_main(work, kept: str, script: str | None = None, argv=None, redact=lambd
     try:
         work()
     except StoppedForTime as e:
-        more = f"; continue with: {continue_command(script, argv, redact)}" if script else ""
+        # The same command continues the run; `redact` keeps its password out of the log.
+        args = sys.argv[1:] if argv is None else argv
+        more = f"; continue with: {shlex.join(['python', script, *map(redact, args)])}" if script else ""
         print(f"{e}{more}", file=sys.stderr)
         return EXIT_TIME_LIMIT
     except (DataError, StorageError, ResultsError) as e:

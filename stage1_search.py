@@ -12,8 +12,6 @@ go to results/stage1/top3.json (top{K}.json with --top-k K) for stage 2.
 
 import argparse
 import os
-import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -24,14 +22,14 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from checkpoint import load_into, save_checkpoint
-from cli import (Interrupted, OneLineParser, ResultsError, StoppedForTime, add_common_flags, add_worker_flags,
-                 check_stop, check_writable, clock, epoch_line, nothing_fits, positive, resolve_device, run_main,
-                 stop_handlers, stop_requested, storage_url)
+from checkpoint import load_into
+from cli import (OneLineParser, StoppedForTime, add_common_flags, add_worker_flags, check_stop, check_writable, clock,
+                 nothing_fits, positive, raise_for, resolve_device, run_main, stop_handlers, stop_requested,
+                 storage_url)
 from data import DataError, find_cifar10, load_cifar10, train_val_splits
-from reports import TensorBoardLogger, code_version, log_hparams, top_file, write_json, write_stage1_reports
-from storage import (Worker, open_storage, optimize, redact_url, run_workers, storage_error,
-                     storage_lost_in_one_line, through_a_restart, worker_device)
+from reports import code_version, log_hparams, top_file, write_json, write_stage1_reports
+from storage import (Worker, open_storage, optimize, redact_url, run_workers, storage_error, storage_lost_in_one_line,
+                     through_a_restart, train_trial)
 from train import AMP_HELP, AMP_MODES, Diverged, TrainConfig, Trainer, add_recipe_flags, recipe_overrides, warmup_note
 
 
@@ -93,50 +91,37 @@ class OutOfMemory(RuntimeError):
 @dataclass
 class Objective:
     """Train one suggested configuration, reporting each epoch to the pruner; a retry goes on from the
-    checkpoint of the attempt before it. deadline (time.monotonic()): --time-limit's end."""
+    checkpoint of the attempt before it."""
     base: TrainConfig
     splits: object
     device: torch.device
     out_dir: str
     storage: object  # the study's storage: through_a_restart closes its broken session
+    worker: Worker
     amp: str = "auto"
     compile: bool = False
-    deadline: float | None = None
-    progress: bool = True
-    last_epoch_s: float | None = None  # the latest epoch's wall time, carried from trial to trial
-    epochs_trained: int = 0  # by this process, over all its trials
-    current: int | None = None  # the number of the trial this process runs, or ran last
 
     def __call__(self, trial: optuna.Trial) -> float:
-        self.current = trial.number
+        self.worker.current = trial.number
         cfg = suggest_config(trial, self.base)
         run_dir = os.path.join(self.out_dir, f"trial_{trial.number:04d}")
         trial.set_user_attr("config", cfg.to_dict())
-        trial.set_user_attr("host", socket.gethostname())  # who ran it, for the log line of its retry
-        trial.set_user_attr("pid", os.getpid())
         write_json(os.path.join(run_dir, "config.json"),
                    {"trial": trial.number, "config": cfg.to_dict(), "code_version": code_version()})
         s = self.splits
-        trainer = Trainer(cfg, s.train_images, s.train_labels, s.val_images, s.val_labels, self.device,
-                          amp=self.amp, compile=self.compile, progress=self.progress, stop_check=check_stop)
+        trainer = Trainer(cfg, s.train_images, s.train_labels, s.val_images, s.val_labels, self.device, amp=self.amp,
+                          compile=self.compile, progress=not self.worker.index, stop_check=check_stop)
         self._resume_if_retry(trial, trainer)
-        tensorboard, checkpoint, t0 = TensorBoardLogger(run_dir), os.path.join(run_dir, "last.pt"), time.perf_counter()
 
-        def on_epoch(t: Trainer, record: dict):
-            self.epochs_trained += 1
-            tensorboard(t, record)
-            save_checkpoint(t.state_dict(), checkpoint)  # a retry of this trial goes on from here
-            through_a_restart(self.storage, trial.set_user_attr, "history", t.history)
-            tqdm.write(epoch_line(f"trial {trial.number:4d}", record, t.history, cfg.epochs))
-            through_a_restart(self.storage, trial.report, record["val_acc"], record["epoch"])
+        def prune(t: Trainer, record: dict):
             if through_a_restart(self.storage, trial.should_prune):
                 trial.set_user_attr("pruned_at_epoch", record["epoch"])
                 raise optuna.TrialPruned(f"val_acc {record['val_acc']:.4f} at epoch {record['epoch']} is below the "
                                          f"median")
 
-        state, out_of_memory = "FAIL", None
+        state, out_of_memory, t0 = "FAIL", None, time.perf_counter()
         try:
-            trainer.fit(on_epoch, deadline=self.deadline, epoch_estimate_s=self.last_epoch_s)
+            train_trial(trial, trainer, self.worker, self.storage, run_dir, f"trial {trial.number:4d}", then=prune)
             if trainer.stopped_for_time:
                 state = None  # what a resume needs is saved; its retry writes the row
                 trial.set_user_attr("stopped_for_time", True)
@@ -158,9 +143,6 @@ class Objective:
             trial.set_user_attr("interrupted", "SIGTERM" if getattr(e, "exit_code", 130) == 143 else "Ctrl-C")
             raise
         finally:
-            if trainer.history:
-                self.last_epoch_s = trainer.history[-1].get("epoch_s")
-            tensorboard.close()
             metrics = {"best_val_acc": trainer.best_acc, "best_epoch": trainer.best_epoch,
                        "epochs_run": trainer.epoch, "train_time_s": time.perf_counter() - t0}
             for key, value in metrics.items():
@@ -189,8 +171,6 @@ class Objective:
             except DataError as e:
                 tqdm.write(f"trial {trial.number:4d}: {e}")
                 continue
-            for record in trainer.history:  # the pruner judges the whole curve, so replay it
-                trial.report(record["val_acc"], record["epoch"])
             trial.set_user_attr("resumed_from", {"trial": number, "epoch": trainer.epoch})
             return
 
@@ -234,10 +214,6 @@ def parse_args(argv=None):
     return args
 
 
-INTERRUPTED = ("interrupted: finished trials are kept, and a trial cut short goes on from its last finished epoch; "
-               "run the same command to continue the study")
-
-
 def run(args, splits=None, worker: Worker | None = None):
     """Run the search (with --jobs, in that many worker processes); `splits` (tests) replaces CIFAR-10."""
     # Ours is one line per trial and one for an error that stops the run; Optuna would add a warning with a
@@ -250,8 +226,7 @@ def run(args, splits=None, worker: Worker | None = None):
     out_dir, who = os.path.join(args.results, "stage1"), f"worker {worker.index}: " if worker.index else ""
     check_writable(out_dir)
     parent = args.jobs > 1 and not worker.index  # it leaves the devices to its workers: no CUDA initialised here
-    device = None if parent else resolve_device(worker_device(args.device, worker.index - 1) if worker.index
-                                                else args.device)
+    device = None if parent else resolve_device(worker.device(args.device))
     if splits is None:  # before the storage: a mistyped --data-dir must not leave an empty study behind
         find_cifar10(args.data_dir, download=not args.no_download)
     storage = open_storage(url, args.heartbeat)
@@ -268,8 +243,7 @@ def run(args, splits=None, worker: Worker | None = None):
     splits = splits.to(device)
     base = TrainConfig(epochs=args.epochs, patience=args.patience, subset_ratio=args.subset, seed=args.seed,
                        **recipe_overrides(vars(args)))
-    objective = Objective(base, splits, device, out_dir, storage, amp=args.amp, compile=args.compile,
-                          deadline=worker.deadline, progress=not worker.index)  # workers share one terminal
+    objective = Objective(base, splits, device, out_dir, storage, worker, amp=args.amp, compile=args.compile)
     if warmup_note(base) and not worker.index:
         tqdm.write(warmup_note(base))
     times = []  # this worker's trials' wall times, for the ETA
@@ -291,26 +265,19 @@ def run(args, splits=None, worker: Worker | None = None):
 
     stop = None
     if finished_count(study) < total:
-        stop = optimize(study, objective, lambda: objective.current, [after_trial], catch=(Diverged, OutOfMemory))
-    if stop == "time" and not objective.epochs_trained:
+        stop = optimize(study, objective, worker, [after_trial], catch=(Diverged, OutOfMemory))
+    if stop == "time" and not worker.epochs_trained:
         write_stage1_reports(study, out_dir, args.top_k)
-        raise nothing_fits(who, objective.last_epoch_s)
+        raise nothing_fits(who, worker.last_epoch_s)
     return _end(study, args, out_dir, total, stop, who)
 
 
 def _end(study, args, out_dir: str, total: int, stop: str | None, who: str):
     """The reports, and the line (or the exception) that says how the run ended."""
     write_stage1_reports(study, out_dir, args.top_k, plots=not who)
-    if stop == "interrupted":
-        if not who:  # the --jobs parent says it for all its workers
-            tqdm.write(INTERRUPTED)
-        raise Interrupted(stop_requested() or signal.SIGINT)
-    if stop == "time":
-        raise StoppedForTime(f"{who}stopped for the time limit: {finished_count(study)} of {total} trials "
-                             f"finished{best_so_far(study)}; a cut trial goes on from its last epoch in the next run")
-    if stop == "failed":
-        raise ResultsError("a worker stopped with an error (its line is above); the trials finished so far are kept: "
-                           "run the same command to continue")
+    raise_for(stop, StoppedForTime(f"{who}stopped for the time limit: {finished_count(study)} of {total} trials "
+                                   f"finished{best_so_far(study)}; a cut trial goes on from its last epoch in the "
+                                   f"next run"), kept="the trials finished so far are kept")
     if not who:
         tqdm.write(f"done: {finished_count(study)} trials finished{best_so_far(study)}; top {args.top_k} in "
                    f"{os.path.join(out_dir, top_file(args.top_k))}")
@@ -323,7 +290,10 @@ def _run_main(args, splits=None, argv=None, worker: Worker | None = None) -> int
     # A --jobs worker prints only its reason; its parent gives the command that continues, once.
     return run_main(lambda: storage_lost_in_one_line(url, lambda: run(args, splits, worker)),
                     script=None if worker else "stage1_search.py", argv=argv, redact=redact_url,
-                    unnamed=args.results, kept="the trials told to the study so far are kept")
+                    unnamed=args.results, kept="the trials told to the study so far are kept",
+                    interrupted=None if worker else "interrupted: finished trials are kept, and a trial cut short "
+                                                    "goes on from its last finished epoch; run the same command to "
+                                                    "continue the study")
 
 
 def main(argv=None):

@@ -16,8 +16,6 @@ best.pt once on the 10,000 test images, and the last worker to finish writes res
 import argparse
 import json
 import os
-import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -26,16 +24,16 @@ import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from checkpoint import load_checkpoint, load_into, save_checkpoint
-from cli import (Interrupted, OneLineParser, ResultsError, StorageError, StoppedForTime, add_common_flags,
-                 add_worker_flags, check_stop, check_writable, closest, epoch_line, nothing_fits, positive,
-                 resolve_device, run_main, stop_handlers, stop_requested, storage_url)
+from checkpoint import load_checkpoint, load_into
+from cli import (OneLineParser, StorageError, StoppedForTime, add_common_flags, add_worker_flags, check_stop,
+                 check_writable, closest, nothing_fits, positive, raise_for, resolve_device, run_main, stop_handlers,
+                 stop_requested, storage_url)
 from data import TEST_FILE, DataError, find_cifar10, load_cifar10, train_val_splits
 from evaluate import TEST_OUTPUTS, evaluate_checkpoint
-from reports import (TensorBoardLogger, code_version, completed_by_value, epochs_phrase, log_hparams, plot_curves,
+from reports import (code_version, completed_by_value, epochs_phrase, log_hparams, plot_curves,
                      test_row, write_json, write_stage2_report)
-from storage import (Worker, open_storage, optimize, redact_url, run_workers, storage_error,
-                     storage_lost_in_one_line, through_a_restart, worker_device)
+from storage import (Worker, open_storage, optimize, redact_url, run_workers, storage_error, storage_lost_in_one_line,
+                     train_trial)
 from train import (AMP_HELP, AMP_MODES, COMPILE_HELP, COMPILE_MODES, LONG_RECIPE, Diverged, TrainConfig, Trainer,
                    add_recipe_flags, recipe_overrides, warmup_note)
 
@@ -164,16 +162,7 @@ def queue_models(study: optuna.Study, candidates: list):
 # ----------------------------------------------------------------------------- training and testing one model
 
 
-@dataclass
-class Progress(Worker):
-    """What one stage-2 process carries from model to model."""
-    last_epoch_s: float | None = None  # the latest epoch's wall time: the next model's first epoch is judged by it
-    epochs_trained: int = 0  # by this process, over all its models
-    current: int | None = None  # the trial this process runs, or ran last
-    stopped_for_time: StoppedForTime | None = None  # what --time-limit cut, in words
-
-
-def train_and_test(trial: optuna.Trial, storage, args, splits, ds, device, out_dir: str, w: Progress) -> float:
+def train_and_test(trial: optuna.Trial, storage, args, splits, ds, device, out_dir: str, w: Worker) -> float:
     """The objective of a stage-2 trial: train (or resume) its model, test its best.pt, keep its report row."""
     w.current = trial.number
     if "model" not in trial.user_attrs:  # workers raced for the last waiting model and this one lost
@@ -184,8 +173,6 @@ def train_and_test(trial: optuna.Trial, storage, args, splits, ds, device, out_d
                  if t.number < trial.number and t.user_attrs.get("model") == name), None)
     if twin is not None:
         raise optuna.TrialPruned(f"trial {twin} has {name} in hand")
-    trial.set_user_attr("host", socket.gethostname())  # who trains it, for the log line of its retry
-    trial.set_user_attr("pid", os.getpid())
     run_dir = os.path.join(out_dir, name)
     last, best = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     trainer = Trainer(cfg, splits.train_images, splits.train_labels, splits.val_images, splits.val_labels, device,
@@ -200,8 +187,6 @@ def train_and_test(trial: optuna.Trial, storage, args, splits, ds, device, out_d
     if trainer.epoch == 0 or not os.path.isfile(os.path.join(run_dir, "config.json")):
         write_json(os.path.join(run_dir, "config.json"), {**{k: trial.user_attrs[k] for k in MODEL_ATTRS},
                                                           "code_version": code_version()})
-    for record in trainer.history:  # the dashboard's curve of a resumed model starts at epoch 1
-        trial.report(record["val_acc"], record["epoch"])
     if trainer.finished:
         tqdm.write(f"{name}: already trained ({epochs_phrase(trainer.epoch)}); evaluating only")
     elif trainer.epoch:
@@ -214,33 +199,19 @@ def train_and_test(trial: optuna.Trial, storage, args, splits, ds, device, out_d
                    f"images, early stopping on {len(splits.val_images)} (patience {cfg.patience}), on {device}")
         if warmup_note(cfg) and not w.epochs_trained:
             tqdm.write(f"{name}: {warmup_note(cfg)}")
-    tensorboard, first_epoch = TensorBoardLogger(run_dir), trainer.epoch
-
-    def on_epoch(t: Trainer, record: dict):
-        w.epochs_trained += 1
-        if record["is_best"]:  # best.pt before last.pt: a kill between the two replays this epoch
-            save_checkpoint(t.state_dict(), best)
-        save_checkpoint(t.state_dict(), last)
-        tensorboard(t, record)
-        tqdm.write(epoch_line(name, record, t.history, cfg.epochs))
-        through_a_restart(storage, trial.report, record["val_acc"], record["epoch"])
-
-    failure = ""
+    failure, first_epoch = "", trainer.epoch
     try:
-        trainer.fit(on_epoch, deadline=w.deadline, epoch_estimate_s=w.last_epoch_s)
+        train_trial(trial, trainer, w, storage, run_dir, name, best=best)
     except Diverged as e:  # best.pt, from before the divergence, is still a model worth testing
         failure = str(e)
         tqdm.write(f"{name}: {e}; evaluating its best checkpoint")
-    finally:
-        tensorboard.close()
-        w.last_epoch_s = trainer.history[-1]["epoch_s"] if trainer.history else w.last_epoch_s
     if trainer.stopped_for_time:
-        w.stopped_for_time = nothing_fits(f"{name}: ", w.last_epoch_s) if not w.epochs_trained else StoppedForTime(
+        w.stopped = nothing_fits(f"{name}: ", w.last_epoch_s) if not w.epochs_trained else StoppedForTime(
             f"{name} stopped for the time limit after epoch {trainer.epoch} of {cfg.epochs}"
             + (f" (best val acc {100 * trainer.best_acc:.2f} % at epoch {trainer.best_epoch})"
                if trainer.epoch > first_epoch else " (not one epoch of it fitted)")
             + "; its last.pt holds everything a resume needs")
-        raise w.stopped_for_time
+        raise w.stopped
     why = (f"stopped early: no better validation accuracy for {epochs_phrase(cfg.patience)}" if trainer.stopped_early
            else f"ran all {epochs_phrase(cfg.epochs)}")
     tqdm.write(f"{name}: {epochs_phrase(trainer.epoch)}, {why}; best val acc {100 * trainer.best_acc:.2f} % at epoch "
@@ -339,13 +310,11 @@ def run(args, ds=None, worker: Worker | None = None) -> list:
     """Train and test every waiting model, then report them all if none is left; `ds` (tests) replaces CIFAR-10.
     Returns every model's row, as far as it got."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    limit = None if args.time_limit is None else time.monotonic() + args.time_limit
-    w = Progress(**vars(worker)) if worker else Progress(deadline=limit)
+    w = worker or Worker(deadline=None if args.time_limit is None else time.monotonic() + args.time_limit)
     url = storage_url(args.storage, args.results)
     # The parent of --jobs' workers leaves the devices to them: it must not initialise CUDA.
     parent = args.jobs > 1 and not w.index
-    device = None if args.report_only or parent else resolve_device(worker_device(args.device, w.index - 1)
-                                                                    if w.index else args.device)
+    device = None if args.report_only or parent else resolve_device(w.device(args.device))
     if args.config is None and url.startswith("sqlite:///") and not os.path.isfile(url[len("sqlite:///"):]):
         raise StorageError(f"no stage-1 storage at {url[len('sqlite:///'):]}; run stage1_search.py first, point "
                            f"--storage (or --results) at its output, or pass --config")
@@ -388,17 +357,10 @@ def run(args, ds=None, worker: Worker | None = None) -> list:
         stop = run_workers(_run_main, args, ds, w, "stage2-worker")
     elif waiting():
         splits = train_val_splits(ds, subset_ratio=args.subset, device=device)
-        stop = optimize(study, lambda t: train_and_test(t, storage, args, splits, ds, device, out_dir, w),
-                        lambda: w.current, [lambda s, t: None if waiting() and stop_requested() is None else s.stop()],
-                        keep=MODEL_ATTRS)
-    if stop == "interrupted":
-        raise Interrupted(stop_requested() or signal.SIGINT)
-    if stop == "time":
-        raise w.stopped_for_time or StoppedForTime("stopped for the time limit; each model's last.pt holds its last "
-                                                   "finished epoch")
-    if stop == "failed":
-        raise ResultsError("a worker stopped with an error (its line is above); every model's last.pt is kept: run "
-                           "the same command to continue")
+        stop = optimize(study, lambda t: train_and_test(t, storage, args, splits, ds, device, out_dir, w), w,
+                        [lambda s, t: None if waiting() and stop_requested() is None else s.stop()], keep=MODEL_ATTRS)
+    raise_for(stop, w.stopped or StoppedForTime("stopped for the time limit; each model's last.pt holds its last "
+                                                "finished epoch"), kept="every model's last.pt is kept")
     rows = rows_of(study, candidates, out_dir)
     unfinished = [r["model"] for r in rows if "unfinished" in r]
     if w.index:

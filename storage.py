@@ -1,4 +1,4 @@
-"""The Optuna storage both stages keep their studies in, and --jobs' worker processes.
+"""The Optuna storage both stages keep their studies in, --jobs' worker processes, and how a worker trains a trial.
 
 One storage URL is all that workers share: SQLite on one machine, PostgreSQL (or MySQL) across many,
 or a journal file. Fault tolerance is Optuna's own: on the RDB storages a running trial beats every
@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import re
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -23,7 +24,9 @@ import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from tqdm.auto import tqdm
 
-from cli import EXIT_TIME_LIMIT, StorageError, StoppedForTime, install_stop_handlers, stop_requested
+from checkpoint import save_checkpoint
+from cli import EXIT_TIME_LIMIT, StorageError, StoppedForTime, epoch_line, install_stop_handlers, stop_requested
+from reports import TensorBoardLogger
 
 try:
     import fcntl
@@ -104,6 +107,10 @@ def _rdb_storage(url: str, heartbeat: int):
                                                      heartbeat_stale_trial_callback=retry_dead_worker_s_trial)
             if not sqlite:
                 wait_for_the_server(storage.engine)
+            # Optuna's heartbeat thread ends at its first error, and the trial would then look dead while it
+            # trains: a beat cut by a server restart is beaten again once the server is back.
+            beat = storage.record_heartbeat
+            storage.record_heartbeat = lambda trial_id: through_a_restart(storage, beat, trial_id)
             return storage
         except Exception as e:
             if attempt == 7 or not any(m in str(e).lower() for m in SCHEMA_RACE):
@@ -188,12 +195,40 @@ def _chain(e: BaseException):
 # ----------------------------------------------------------------------------- --jobs
 
 
-def worker_device(name: str, index: int) -> str:
-    """The device of --jobs' worker `index` (0, 1, ...): on a machine with n GPUs, GPU index mod n for "auto"
-    and "cuda"; a device named with its number, or not a GPU, as named. device_count() does not initialise
-    CUDA, which the parent process must not: it would hold a context on every GPU for nothing."""
-    n = torch.cuda.device_count() if name in ("auto", "cuda") else 0
-    return f"cuda:{index % n}" if n else name
+@dataclass
+class Worker:
+    """Which of --jobs' worker processes this is (0: the only process), how many run, and --time-limit's end
+    (time.monotonic(): one clock for every process of a machine, so workers inherit their parent's); then what
+    it carries from trial to trial."""
+    index: int = 0
+    jobs: int = 1
+    deadline: float | None = None
+    last_epoch_s: float | None = None  # the latest epoch's wall time: the next trial's first epoch is judged by it
+    epochs_trained: int = 0  # by this process, over all its trials
+    current: int | None = None  # the number of the trial this process runs, or ran last
+    stopped: StoppedForTime | None = None  # what --time-limit cut, in words
+
+    def device(self, name: str) -> str:
+        """--device for this process: as named, but "auto" or "cuda" in --jobs' worker i on a machine with n GPUs is
+        GPU (i - 1) mod n. device_count() does not initialise CUDA, which the parent process must not: it would hold
+        a context on every GPU for nothing."""
+        n = torch.cuda.device_count() if self.index and name in ("auto", "cuda") else 0
+        return f"cuda:{(self.index - 1) % n}" if n else name
+
+
+def run_workers(run_one, args, data, parent: Worker, name: str) -> str | None:
+    """--jobs: args.jobs worker processes, each run_one(args, data, worker=...), waited for (run_processes)."""
+    return run_processes(_worker_main, [(run_one, args, data, replace(parent, index=k + 1, jobs=args.jobs))
+                                        for k in range(args.jobs)], name)
+
+
+def _worker_main(run_one, args, data, worker: Worker):
+    """One --jobs worker: Ctrl-C ignored (the parent passes it on as SIGTERM, see run_processes), torch's share of
+    the cores (N workers with every core each would oversubscribe the CPU N times), its exit code run_one's."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // worker.jobs))
+    install_stop_handlers()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(run_one(args, data, worker=worker))
 
 
 def run_processes(target, arg_tuples: list, name: str) -> str | None:
@@ -225,15 +260,25 @@ def run_processes(target, arg_tuples: list, name: str) -> str | None:
     return "time" if EXIT_TIME_LIMIT in codes else "failed" if codes - {0} else None
 
 
-def optimize(study: optuna.Study, objective, current, callbacks=(), catch=(), keep=()) -> str | None:
+def _pass_on(procs):
+    for proc in procs:
+        if proc.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+
+
+# ----------------------------------------------------------------------------- a worker's trials
+
+
+def optimize(study: optuna.Study, objective, worker: Worker, callbacks=(), catch=(), keep=()) -> str | None:
     """study.optimize until it ends (None), stops for --time-limit ("time": the objective raised StoppedForTime)
-    or for a Ctrl-C or SIGTERM ("interrupted"). A trial cut short is queued again (queue_again, with the user
-    attributes named in `keep`), to go on from its last checkpoint; current() is its number."""
+    or for a Ctrl-C or SIGTERM ("interrupted"). A trial cut short (worker.current) is queued again (queue_again,
+    with the user attributes named in `keep`), to go on from its last checkpoint."""
     try:
         study.optimize(objective, callbacks=list(callbacks), catch=catch, gc_after_trial=False)
     except (StoppedForTime, KeyboardInterrupt) as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C must not cut the queueing short
-        cut = study.get_trials(deepcopy=False)[current()]
+        cut = study.get_trials(deepcopy=False)[worker.current]
         if cut.state == optuna.trial.TrialState.FAIL:
             queue_again(study, cut, keep)
             how = ("stopped for the time limit" if isinstance(e, StoppedForTime)
@@ -242,37 +287,6 @@ def optimize(study: optuna.Study, objective, current, callbacks=(), catch=(), ke
             tqdm.write(f"{who} {how}; queued again, to go on from its last finished epoch in the next run")
         return "time" if isinstance(e, StoppedForTime) else "interrupted"
     return "interrupted" if stop_requested() is not None else None  # a stop between two trials
-
-
-def _pass_on(procs):
-    for proc in procs:
-        if proc.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-
-
-@dataclass
-class Worker:
-    """Which of --jobs' worker processes this is (0: the only process), how many run, and --time-limit's end
-    (time.monotonic(): one clock for every process of a machine, so workers inherit their parent's)."""
-    index: int = 0
-    jobs: int = 1
-    deadline: float | None = None
-
-
-def run_workers(run_one, args, data, parent: Worker, name: str) -> str | None:
-    """--jobs: args.jobs worker processes, each run_one(args, data, worker=...), waited for (run_processes)."""
-    return run_processes(_worker_main, [(run_one, args, data, replace(parent, index=k + 1, jobs=args.jobs))
-                                        for k in range(args.jobs)], name)
-
-
-def _worker_main(run_one, args, data, worker: Worker):
-    """One --jobs worker: Ctrl-C ignored (the parent passes it on as SIGTERM, see run_processes), torch's share of
-    the cores (N workers with every core each would oversubscribe the CPU N times), its exit code run_one's."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // worker.jobs))
-    install_stop_handlers()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.exit(run_one(args, data, worker=worker))
 
 
 def queue_again(study: optuna.Study, trial: optuna.trial.FrozenTrial, keep=()):
@@ -284,3 +298,34 @@ def queue_again(study: optuna.Study, trial: optuna.trial.FrozenTrial, keep=()):
         state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
         user_attrs={k: trial.user_attrs[k] for k in keep if k in trial.user_attrs},
         system_attrs={"failed_trial": history[0], "retry_history": history}))
+
+
+def train_trial(trial: optuna.Trial, trainer, worker: Worker, storage, run_dir: str, name: str,
+                best: str | None = None, then=None):
+    """Fit `trainer` as `trial`, within the worker's deadline. Optuna gets the curve so far (a resumed run's) and
+    each epoch's val_acc (the pruner's input, optuna-dashboard's curve); after each epoch come last.pt (and
+    best.pt at `best` on a better epoch), TensorBoard's curves, the history in the trial's user attributes (the
+    stage-1 report's curves), a log line, then `then(trainer, record)`."""
+    trial.set_user_attr("host", socket.gethostname())  # who runs it, for the log line of its retry
+    trial.set_user_attr("pid", os.getpid())
+    for record in trainer.history:
+        trial.report(record["val_acc"], record["epoch"])
+    tensorboard = TensorBoardLogger(run_dir)
+
+    def on_epoch(t, record: dict):
+        worker.epochs_trained += 1
+        if best and record["is_best"]:  # best.pt before last.pt: a kill between the two replays this epoch
+            save_checkpoint(t.state_dict(), best)
+        save_checkpoint(t.state_dict(), os.path.join(run_dir, "last.pt"))
+        tensorboard(t, record)
+        through_a_restart(storage, trial.set_user_attr, "history", t.history)
+        tqdm.write(epoch_line(name, record, t.history, t.cfg.epochs))
+        through_a_restart(storage, trial.report, record["val_acc"], record["epoch"])
+        if then is not None:
+            then(t, record)
+
+    try:
+        trainer.fit(on_epoch, deadline=worker.deadline, epoch_estimate_s=worker.last_epoch_s)
+    finally:
+        tensorboard.close()
+        worker.last_epoch_s = trainer.history[-1].get("epoch_s") if trainer.history else worker.last_epoch_s

@@ -17,7 +17,7 @@ from conftest import synthetic_splits, touches_the_edge
 from stage1_search import parse_args, run, suggest_config
 from train import TrainConfig, Trainer
 from reports import write_stage1_reports
-from storage import open_storage, worker_device
+from storage import Worker, open_storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -275,8 +275,9 @@ def test_cli_rejects_bad_flags_and_missing_data_with_one_line(tmp_path, fake_cif
 
 def test_jobs_workers_take_gpu_i_mod_n_and_the_parent_initialises_no_device(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # a machine with 3 GPUs, faked
-    assert [worker_device("auto", i) for i in range(5)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:0", "cuda:1"]
-    assert (worker_device("cuda", 4), worker_device("cuda:2", 0), worker_device("cpu", 1)) == ("cuda:1", "cuda:2", "cpu")
+    assert [Worker(index=i).device("auto") for i in range(1, 6)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:0", "cuda:1"]
+    assert [Worker(index=5).device("cuda"), Worker(index=1).device("cuda:2"), Worker(index=2).device("cpu"),
+            Worker(index=0).device("auto")] == ["cuda:1", "cuda:2", "cpu", "auto"]  # 0: no --jobs worker
     # The parent resolves no device (on a GPU machine that would initialise CUDA) and hands each worker its index.
     handed = []
     monkeypatch.setattr(stage1_search, "resolve_device", lambda name: pytest.fail(f"the parent resolved {name}"))

@@ -13,6 +13,7 @@ from optuna.trial import TrialState, create_trial
 
 import cli
 import stage2_final
+import storage
 import train
 from conftest import synthetic_cifar, touches_the_edge
 from data import DataError, train_val_splits
@@ -161,14 +162,14 @@ def test_an_interrupted_run_resumes_at_the_next_epoch_and_ends_as_an_uninterrupt
             if record["epoch"] == 1:
                 raise KeyboardInterrupt  # Ctrl-C just after epoch 1's checkpoint
 
-    monkeypatch.setattr(stage2_final, "TensorBoardLogger", InterruptAfterEpoch1)
+    monkeypatch.setattr(storage, "TensorBoardLogger", InterruptAfterEpoch1)
     with pytest.raises(KeyboardInterrupt):
         run(args_for(tmp_path / "cut", "--config", path), ds=ds)
     run_dir = tmp_path / "cut" / "stage2" / "config_0"
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
     assert not (run_dir / "test_metrics.json").exists()
 
-    monkeypatch.setattr(stage2_final, "TensorBoardLogger", TensorBoardLogger)
+    monkeypatch.setattr(storage, "TensorBoardLogger", TensorBoardLogger)
     seen = epochs_trained(monkeypatch)
     resumed = run(args_for(tmp_path / "cut", "--config", path), ds=ds)
     assert seen == [2]
