@@ -310,29 +310,37 @@ def test_a_log_without_a_terminal_has_a_line_for_every_epoch_of_every_trial(work
     assert "\r" not in out  # no progress bar off a terminal
 
 
-@pytest.mark.parametrize("sig,code,at,epochs", [(signal.SIGINT, 130, 3, 6), (signal.SIGTERM, 143, 2, 4)])
+CUT_AT = [sys.executable, WORKER, "--trials", "1", "--epochs", "4", "--patience", "4"]  # cut after epoch 2 of 4
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run that the cut ones must end as, made once for both signals."""
+    results = tmp_path_factory.mktemp("whole")
+    assert "interrupted" not in finish(start_as_a_terminal_would([*CUT_AT, "--results", str(results)]))
+    (alone,) = trials_of(f"sqlite:///{results}/stage1.db")
+    return alone
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_mid_trial_goes_on_from_its_last_epoch_to_the_uninterrupted_value(tmp_path, sig, code,
-                                                                                            at, epochs):
-    """Stopped after epoch 3 of 6 (SIGTERM: 2 of 4, the same path, shorter), the same command continues trial 0's
-    configuration from that epoch's checkpoint, and it ends with the very value an uninterrupted run gets."""
-    command = [sys.executable, WORKER, "--trials", "1", "--epochs", str(epochs), "--patience", str(epochs)]
-    whole = finish(start_as_a_terminal_would([*command, "--results", str(tmp_path / "whole")]))
-    assert "interrupted" not in whole
-    cut = start_as_a_terminal_would([*command, "--results", str(tmp_path / "cut")])
-    out = signal_after(cut, f"trial    0 epoch   {at}/{epochs}", sig)
+                                                                                            uninterrupted):
+    """Stopped after epoch 2 of 4, the same command continues trial 0's configuration from that epoch's
+    checkpoint, and it ends with the very value an uninterrupted run gets."""
+    cut = start_as_a_terminal_would([*CUT_AT, "--results", str(tmp_path)])
+    out = signal_after(cut, "trial    0 epoch   2/4", sig)
     assert cut.returncode == code and "Traceback" not in out, out
     assert out.rstrip().splitlines()[-1].startswith("interrupted: finished trials are kept, and a trial cut short "
                                                     "goes on from its last finished epoch; run the same command")
-    go_on = finish(start_as_a_terminal_would([*command, "--results", str(tmp_path / "cut")]))
-    assert f"trial    1 epoch   {at + 1}/{epochs}" in go_on and f"trial    1 epoch   1/{epochs}" not in go_on, go_on
-    (alone,) = trials_of(f"sqlite:///{tmp_path}/whole/stage1.db")
-    first, retry = trials_of(f"sqlite:///{tmp_path}/cut/stage1.db")
+    go_on = finish(start_as_a_terminal_would([*CUT_AT, "--results", str(tmp_path)]))
+    assert "trial    1 epoch   3/4" in go_on and "trial    1 epoch   1/4" not in go_on, go_on
+    first, retry = trials_of(f"sqlite:///{tmp_path}/stage1.db")
     assert first.state == TrialState.FAIL and first.user_attrs["interrupted"] == ("Ctrl-C" if code == 130 else "SIGTERM")
-    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from"] == {"trial": 0, "epoch": at}
-    assert retry.params == alone.params and retry.value == alone.value
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from"] == {"trial": 0, "epoch": 2}
+    assert retry.params == uninterrupted.params and retry.value == uninterrupted.value
     keys = ("train_loss", "val_acc", "lr")
     assert [[r[k] for k in keys] for r in retry.user_attrs["history"]] == [[r[k] for k in keys]
-                                                                           for r in alone.user_attrs["history"]]
+                                                                           for r in uninterrupted.user_attrs["history"]]
 
 
 def test_ctrl_c_stops_every_jobs_worker_and_each_cut_trial_goes_on_from_its_checkpoint(tmp_path):

@@ -264,33 +264,43 @@ def test_a_read_only_results_folder_is_refused_at_once_and_left_as_it_was(tmp_pa
     assert snapshot(tmpfs) == before  # --fresh deleted nothing
 
 
-@pytest.mark.parametrize("sig,code,at,epochs", [(signal.SIGINT, 130, 3, 6), (signal.SIGTERM, 143, 2, 4)])
-def test_ctrl_c_or_sigterm_after_epoch_3_of_6_goes_on_from_there_to_the_uninterrupted_result(tmp_path, sig, code,
-                                                                                             at, epochs):
-    """Signalled as a terminal's Ctrl-C (the whole process group) or as a scheduler's SIGTERM after epoch 3 of 6:
-    one line says how to go on, and the same command trains epochs 4-6 to the very model and test result of a
+@pytest.fixture(scope="module")
+def cut_at(tmp_path_factory):
+    """The command the cut runs repeat (it stops after epoch 2 of 4), and the results of the run they must end
+    as, made once for both signals."""
+    from conftest import start_as_a_terminal_would
+
+    shared = tmp_path_factory.mktemp("whole")
+    path = config_file(shared / "c.json", TINY)
+    command = lambda results: [sys.executable, WORKER, "200", "--results", str(results), "--device", "cpu",  # noqa
+                               "--config", path, "--epochs", "4", "--patience", "4"]
+    assert start_as_a_terminal_would(command(shared)).wait(timeout=300) == 0
+    return command, shared
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_after_epoch_2_of_4_goes_on_from_there_to_the_uninterrupted_result(tmp_path, sig, code,
+                                                                                             cut_at):
+    """Signalled as a terminal's Ctrl-C (the whole process group) or as a scheduler's SIGTERM after epoch 2 of 4:
+    one line says how to go on, and the same command trains epochs 3-4 to the very model and test result of a
     run that was never stopped."""
     from conftest import signal_after, start_as_a_terminal_would
 
-    path = config_file(tmp_path / "c.json", TINY)
-    command = lambda results: [sys.executable, WORKER, "200", "--results", str(results), "--device", "cpu",  # noqa
-                               "--config", path, "--epochs", str(epochs), "--patience", str(epochs)]
-    whole = start_as_a_terminal_would(command(tmp_path / "whole"))
-    assert whole.wait(timeout=300) == 0
-    cut = start_as_a_terminal_would(command(tmp_path / "cut"))
-    out = signal_after(cut, f"config_0 epoch   {at}/{epochs}", sig)  # SIGTERM: 2 of 4, the same path, shorter
+    command, whole = cut_at
+    cut = start_as_a_terminal_would(command(tmp_path))
+    out = signal_after(cut, "config_0 epoch   2/4", sig)
     assert cut.returncode == code and "Traceback" not in out, out
     assert out.rstrip().splitlines()[-1] == ("interrupted: each model's last.pt holds its last finished epoch; run "
                                              "the same command to continue from there")
-    run_dir = tmp_path / "cut" / "stage2" / "config_0"
-    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == at
+    run_dir = tmp_path / "stage2" / "config_0"
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 2
     assert not (run_dir / "test_metrics.json").exists()
-    go_on = start_as_a_terminal_would(command(tmp_path / "cut"))
+    go_on = start_as_a_terminal_would(command(tmp_path))
     rest = go_on.communicate(timeout=300)[0].decode()
-    assert go_on.returncode == 0 and epochs_in(rest) == [("config_0", e) for e in range(at + 1, epochs + 1)], rest
-    a = torch.load(tmp_path / "whole" / "stage2" / "config_0" / "last.pt", weights_only=True)
+    assert go_on.returncode == 0 and epochs_in(rest) == [("config_0", 3), ("config_0", 4)], rest
+    a = torch.load(whole / "stage2" / "config_0" / "last.pt", weights_only=True)
     b = torch.load(run_dir / "last.pt", weights_only=True)
     assert without_timings(a["history"]) == without_timings(b["history"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    done = [rows_in_study(r)["config_0"] for r in (tmp_path / "whole", tmp_path / "cut")]
+    done = [rows_in_study(r)["config_0"] for r in (whole, tmp_path)]
     assert done[0]["test_acc"] == done[1]["test_acc"] and done[0]["f1"] == done[1]["f1"]
