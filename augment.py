@@ -56,33 +56,13 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, 
 
 @lru_cache(maxsize=None)
 def _magnitudes(magnitude: int, height: int, width: int) -> tuple[float, ...]:
-    """Each op's unsigned magnitude, built like RandAugment._augmentation_space (float32 tables, then float()),
-    so that the rounding of e.g. 0.27 or 4.35 is the same as torchvision's. Identity, AutoContrast, Equalize: 0."""
-    bins = MAGNITUDE_BINS
-    tables = (None, torch.linspace(0.0, 0.3, bins), torch.linspace(0.0, 0.3, bins),
-              torch.linspace(0.0, 150.0 / 331.0 * width, bins), torch.linspace(0.0, 150.0 / 331.0 * height, bins),
-              torch.linspace(0.0, 30.0, bins), *[torch.linspace(0.0, 0.9, bins)] * 4,
-              8 - (torch.arange(bins) / ((bins - 1) / 4)).round().int(), torch.linspace(255.0, 0.0, bins), None, None)
-    return tuple(0.0 if t is None else float(t[magnitude].item()) for t in tables)
+    """Each op's unsigned magnitude, read off torchvision's own float32 tables as RandAugment reads them (float()),
+    so that e.g. 0.27 or 4.35 round the same. Identity, AutoContrast, Equalize: 0. torchvision is imported here, once
+    per run: importing it also imports torch._dynamo and sympy, about a second of every start of every script."""
+    from torchvision.transforms import RandAugment
 
-
-def _geometric_op(img: torch.Tensor, name: str, magnitude: float) -> torch.Tensor:
-    """One geometric op, called with exactly the arguments torchvision's autoaugment._apply_op uses."""
-    # Imported here, where the maps are built once per run: importing torchvision also imports
-    # torch._dynamo and sympy, about a second of every start of every script.
-    import torchvision.transforms.functional as TF
-    from torchvision.transforms import InterpolationMode
-
-    nearest = InterpolationMode.NEAREST
-    if name == "Rotate":
-        return TF.rotate(img, magnitude, interpolation=nearest, fill=None)
-    if name in ("ShearX", "ShearY"):
-        angle = math.degrees(math.atan(magnitude))
-        shear = [angle, 0.0] if name == "ShearX" else [0.0, angle]
-        return TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=nearest, fill=None,
-                         center=[0, 0])
-    translate = [int(magnitude), 0] if name == "TranslateX" else [0, int(magnitude)]
-    return TF.affine(img, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], interpolation=nearest, fill=None)
+    space = RandAugment()._augmentation_space(MAGNITUDE_BINS, (height, width))
+    return tuple(float(table[magnitude]) if table.ndim else 0.0 for table, _ in space.values())
 
 
 @lru_cache(maxsize=None)
@@ -91,24 +71,20 @@ def _geometric_maps(height: int, width: int, device: torch.device, magnitude: in
     or 0 where the source lies outside the image (zero fill). With fixed magnitudes each op and sign is one fixed
     nearest-neighbour map: torchvision itself, run on an image whose pixels hold 1 + their flat index (0 is what its
     zero padding reads), yields it with torchvision's exact grid and rounding, on this device."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.autoaugment import _apply_op  # what RandAugment calls: the same arguments, exactly
+
     mags = _magnitudes(magnitude, height, width)
     ids = torch.arange(1, height * width + 1, dtype=torch.float32, device=device).view(1, 1, height, width)
-    maps = [_geometric_op(ids, OP_NAMES[op], sign * mags[op]) for op in _GEOMETRIC for sign in (1.0, -1.0)]
+    maps = [_apply_op(ids, OP_NAMES[op], sign * mags[op], InterpolationMode.NEAREST, fill=None)
+            for op in _GEOMETRIC for sign in (1.0, -1.0)]
     return torch.cat(maps).long().view(2 * len(_GEOMETRIC), height * width)
-
-
-def _remap(img: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """Nearest-neighbour resampling of each image by its own map (in _geometric_maps' format, one row per image)."""
-    n, c, h, w = img.shape
-    padded = F.pad(img.reshape(n, c, h * w), (1, 0))  # a zero pixel at index 0 serves the out-of-bounds entries
-    return padded.gather(2, maps.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
 
 
 @lru_cache(maxsize=None)
 def _blend_factors(mags: tuple[float, ...], device: torch.device) -> torch.Tensor:
     """float32 (4 blend ops, 2 signs [+, -], 2, 1, 1, 1): torchvision's blend ratio 1.0 + m and its complement
-    1.0 - ratio, formed in float64 as there and only then rounded to float32, so that the blends round identically.
-    The trailing singleton dims broadcast over (C, H, W)."""
+    1.0 - ratio, formed in float64 as there and only then rounded to float32, so that the blends round identically."""
     factors = [[[r, 1.0 - r] for r in (1.0 + mags[op], 1.0 + -mags[op])] for op in _BLEND_OPS]
     return torch.tensor(factors, dtype=torch.float32, device=device).view(len(_BLEND_OPS), 2, 2, 1, 1, 1)
 
@@ -119,7 +95,8 @@ def _to_uint8(f: torch.Tensor) -> torch.Tensor:
     return f.clamp_(0, 255).to(torch.int32).to(torch.uint8)
 
 
-def _blend(img: torch.Tensor, other: torch.Tensor | None, ratio: torch.Tensor, complement: torch.Tensor) -> torch.Tensor:
+def _blend(img: torch.Tensor, other: torch.Tensor | None, ratio: torch.Tensor,
+           complement: torch.Tensor) -> torch.Tensor:
     # torchvision's _blend term by term, so that float32 rounding agrees. other=None stands for its all-zero image
     # (Brightness), whose term is +-0 and changes nothing.
     out = ratio * img
@@ -205,7 +182,7 @@ def _apply_ops(x: torch.Tensor, op_idx: torch.Tensor, negate: torch.Tensor, magn
     """Apply op OP_NAMES[op_idx[i]] to image i, with its magnitude negated where negate[i] (signed ops only).
     x: uint8 (B, 3, H, W); op_idx: long (B,); negate: bool or 0/1 (B,). Same result as torchvision's
     autoaugment._apply_op(x[i], name, +-magnitude, NEAREST, fill=None) for each i."""
-    _, _, h, w = x.shape
+    _, c, h, w = x.shape
     mags = _magnitudes(magnitude, h, w)
     # Sorting by op id makes each op's samples one contiguous chunk. The sort and the chunk bounds are worked out
     # where op_idx lives: on the host (how rand_augment draws it) they cost the device nothing, not even a sync.
@@ -216,10 +193,11 @@ def _apply_ops(x: torch.Tensor, op_idx: torch.Tensor, negate: torch.Tensor, magn
     order = order.to(x.device, non_blocking=True)
     xs = x.index_select(0, order)  # index_select and not x[order]: it is ~10x faster on CPU
     start, end = bounds[_GEOMETRIC.start], bounds[_GEOMETRIC.stop]
-    if end > start:
-        maps = _geometric_maps(h, w, x.device, magnitude)
+    if end > start:  # nearest-neighbour resampling of each image by its op's and sign's map: one gather
         which = (ops[start:end] - _GEOMETRIC.start) * 2 + neg[start:end]
-        xs[start:end] = _remap(xs[start:end], maps.index_select(0, which))
+        maps = _geometric_maps(h, w, x.device, magnitude).index_select(0, which).unsqueeze(1).expand(-1, c, h * w)
+        padded = F.pad(xs[start:end].reshape(end - start, c, h * w), (1, 0))  # index 0: a zero, for outside pixels
+        xs[start:end] = padded.gather(2, maps).view(end - start, c, h, w)
     for op in range(_GEOMETRIC.stop, len(OP_NAMES)):
         start, end = bounds[op], bounds[op + 1]
         if end > start:

@@ -36,7 +36,6 @@ def save_checkpoint(state: dict, path: str):
 
 
 def checkpoint_file(path: str) -> str:
-    """`path` itself, or for a run folder its best.pt (else its model.pt)."""
     if not os.path.isdir(path):
         return path
     for name in FOLDER_CHECKPOINTS:
@@ -47,8 +46,7 @@ def checkpoint_file(path: str) -> str:
 
 
 def load_checkpoint(path: str) -> dict:
-    """A checkpoint written by Trainer.state_dict() (or by export_model), loaded on the CPU without executing any
-    pickled code. A run folder stands for its best.pt (see checkpoint_file)."""
+    """The checkpoint at `path` (a run folder: its best.pt, else model.pt), loaded on the CPU, no pickled code run."""
     path = checkpoint_file(path)
     if not os.path.isfile(path):
         raise DataError(f"no checkpoint at {path}")

@@ -41,18 +41,6 @@ ARRAY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multia
                  ("numpy", "ndarray"), ("numpy", "dtype")}
 
 
-def _unpickle(path: str):
-    class ArraysOnly(pickle.Unpickler):
-        def find_class(self, module, name):
-            if (module, name) not in ARRAY_GLOBALS:
-                raise DataError(f"refusing to load CIFAR-10 file {path}: it names {module}.{name}, which loading it "
-                                f"would call; CIFAR-10 holds only arrays and lists: download it again")
-            return super().find_class(module, name)
-
-    with open(path, "rb") as f:
-        return ArraysOnly(f, encoding="latin1").load()
-
-
 @dataclass
 class CIFAR10:
     train_images: torch.Tensor  # (50000, 3, 32, 32) uint8
@@ -63,20 +51,30 @@ class CIFAR10:
     folder: str | None = None  # where the test batch is read from when it is needed
 
 
-def _read_batch(path: str, expected: int = 10000):
+def _read_batch(path: str):
     if not os.path.isfile(path):
         raise DataError(f"CIFAR-10 file {path} is missing; delete the folder to download it again, or fix --data-dir")
+
+    class ArraysOnly(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in ARRAY_GLOBALS:
+                raise DataError(f"refusing to load CIFAR-10 file {path}: it names {module}.{name}, which loading it "
+                                f"would call; CIFAR-10 holds only arrays and lists: download it again")
+            return super().find_class(module, name)
+
     try:
-        entry = _unpickle(path)
+        with open(path, "rb") as f:
+            entry = ArraysOnly(f, encoding="latin1").load()
         images = np.asarray(entry["data"], dtype=np.uint8)
-        labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
+        labels = np.asarray(entry["labels"], dtype=np.int64)
     except DataError:
         raise
     except Exception as e:  # truncated or foreign files fail in many ways; all mean the same to the user
-        raise DataError(f"CIFAR-10 file {path} is corrupt or truncated ({type(e).__name__}); download it again") from None
-    if images.shape != (expected, 3 * 32 * 32) or labels.shape != (expected,) or not ((labels >= 0) & (labels < 10)).all():
+        raise DataError(f"CIFAR-10 file {path} is corrupt or truncated ({type(e).__name__}); "
+                        f"download it again") from None
+    if images.shape != (10000, 3 * 32 * 32) or labels.shape != (10000,) or not ((labels >= 0) & (labels < 10)).all():
         raise DataError(f"CIFAR-10 file {path} holds {images.shape[0]} images of shape {images.shape[1:]} and "
-                        f"{labels.shape[0]} labels; expected {expected} images of 3072 bytes with labels 0-9")
+                        f"{labels.shape[0]} labels; expected 10000 images of 3072 bytes with labels 0-9")
     return torch.from_numpy(images).view(-1, 3, 32, 32), torch.from_numpy(labels)
 
 
@@ -107,19 +105,10 @@ def load_cifar10(data_dir: str = "data", download: bool = True, test: bool = Tru
     the test batch unread until final_test_set asks for it: the stages train without it, so that a machine that
     trains (a rented GPU, say) need never hold the test images at all."""
     folder = find_cifar10(data_dir, download)
-    train = [_read_batch(os.path.join(folder, name)) for name in TRAIN_FILES]
+    images, labels = zip(*(_read_batch(os.path.join(folder, name)) for name in TRAIN_FILES))
     test_images, test_labels = _read_batch(os.path.join(folder, TEST_FILE)) if test else (None, None)
-    classes = CLASSES
-    meta = os.path.join(folder, "batches.meta")
-    if os.path.isfile(meta):
-        try:
-            classes = list(_unpickle(meta)["label_names"])
-        except DataError:
-            raise
-        except Exception:
-            raise DataError(f"CIFAR-10 file {meta} is corrupt; download it again") from None
-    return CIFAR10(torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), test_images, test_labels,
-                   classes, folder)
+    # batches.meta names the classes too, always these: CLASSES serves, and the file is never read.
+    return CIFAR10(torch.cat(images), torch.cat(labels), test_images, test_labels, CLASSES, folder)
 
 
 def _stratified_pick(labels: torch.Tensor, per_class: list, generator: torch.Generator) -> torch.Tensor:
@@ -139,9 +128,8 @@ def split_indices(labels: torch.Tensor, seed: int = 0, subset_ratio: float = 1.0
         raise ValueError(f"subset_ratio must be in (0, 1], got {subset_ratio}")
     num_classes = int(labels.max()) + 1
     val = _stratified_pick(labels, [VAL_PER_CLASS] * num_classes, torch.Generator().manual_seed(seed))
-    rest = torch.ones(len(labels), dtype=torch.bool)
-    rest[val] = False
-    train = rest.nonzero().squeeze(1)
+    everything = torch.arange(len(labels))
+    train = everything[~torch.isin(everything, val)]
     if subset_ratio < 1.0:
         counts = torch.bincount(labels[train], minlength=num_classes)
         keep = [max(1, round(int(n) * subset_ratio)) for n in counts]
@@ -193,11 +181,10 @@ def cutmix_box(lam: float, height: int, width: int, rng: random.Random) -> tuple
 def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
               mix_prob: float = 1.0, switch_prob: float = 0.5, generator: torch.Generator | None = None,
               rng: random.Random | None = None):
-    """Mixup (Zhang et al., 2018) or CutMix of a batch, each sample's partner another sample of it; returns the
-    batch and its targets (soft, rows summing to 1, when mixed; else the hard labels). timm's Mixup semantics,
-    batch mode: a share mix_prob of the batches is mixed, by CutMix with probability switch_prob if both alphas are
-    on (an alpha of 0 turns its method off); one lambda ~ Beta(alpha, alpha) per batch. CutMix weighs the targets
-    by the area actually pasted (the box is clipped at the borders), so they say how much of each image is seen.
+    """Mixup (Zhang et al., 2018) or CutMix of a batch with a permutation of itself, as timm's Mixup in batch mode:
+    a share mix_prob of the batches is mixed, by CutMix with probability switch_prob if both alphas are on; one
+    lambda ~ Beta(alpha, alpha) per batch. Returns the batch and its targets (soft when mixed, else the hard labels);
+    CutMix weighs them by the area actually pasted (the box is clipped at the borders).
 
     The batch-level draws (whether, which, lambda, the box) come from rng (None: Python's global one), the partners
     from generator (on x's device; None: torch's global RNG): torchvision's v2.MixUp and v2.CutMix draw from torch's
@@ -223,8 +210,7 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = 0.0, cutmix
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy against hard labels (int64) or soft targets (float rows summing to 1); label_smoothing eps
-    trains against (1 - eps) * target + eps / classes for both; validation and test losses use eps = 0."""
+    """Cross-entropy against hard labels (int64) or soft targets (float rows summing to 1), label smoothing for both."""
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
@@ -238,8 +224,6 @@ class DeviceLoader:
                  generator: torch.Generator | None = None, host_generator: torch.Generator | None = None):
         """generator (on the images' device) shuffles, crops and flips; host_generator (CPU) draws RandAugment's
         ops. None: torch's global RNGs. A run's own pair keeps its batches its own, whatever runs beside it."""
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
         if train and len(images) < batch_size:
             raise ValueError(f"{len(images)} training images are fewer than one batch of {batch_size}")
         self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
@@ -256,15 +240,13 @@ class DeviceLoader:
     def __iter__(self):
         n, bs = len(self.images), self.batch_size
         if not self.train:
-            for i in range(0, n, bs):
-                yield eval_transform(self.images[i : i + bs]), self.labels[i : i + bs]
+            yield from zip(map(eval_transform, self.images.split(bs)), self.labels.split(bs))
             return
         # Shuffle with the run's generator, so that a checkpoint's saved generator state replays the same order.
         order = torch.randperm(n, device=self.images.device, generator=self.generator)[: len(self) * bs]
         # Augment several batches per call: each call costs ~300 small kernel launches whatever its
         # size, so chunks of >= 1024 images double the throughput of batch-sized calls on a CPU.
         per_chunk = bs * max(1, AUGMENT_CHUNK // bs)
-        for start in range(0, len(order), per_chunk):
-            idx = order[start : start + per_chunk]
+        for idx in order.split(per_chunk):
             x, y = self.transform(self.images[idx]), self.labels[idx]
             yield from zip(x.split(bs), y.split(bs))

@@ -16,8 +16,6 @@ pickled code is refused instead of run.
 """
 
 import argparse
-import csv
-import io
 import os
 import sys
 
@@ -60,33 +58,11 @@ def export_model(checkpoint_path: str, out_path: str) -> dict:
 
 def model_from_checkpoint(state: dict, device) -> ViT:
     try:
-        cfg = TrainConfig.from_dict(state["config"])
-        model = ViT(cfg.vit_config())
+        model = ViT(TrainConfig.from_dict(state["config"]).vit_config())
         model.load_state_dict(state["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise DataError(f"the checkpoint's model does not match its configuration: {str(e).splitlines()[0]}") from None
     return model.to(device)
-
-
-def classification_metrics(labels: np.ndarray, preds: np.ndarray, classes: list) -> dict:
-    """Accuracy, macro and per-class precision/recall/F1/support, all from scikit-learn."""
-    # imported here, not at the top: half a second that every start of every importing script would pay
-    from sklearn.metrics import precision_recall_fscore_support
-
-    ids = list(range(len(classes)))
-    p, r, f, s = precision_recall_fscore_support(labels, preds, labels=ids, average=None, zero_division=0)
-    mp, mr, mf, _ = precision_recall_fscore_support(labels, preds, labels=ids, average="macro", zero_division=0)
-    per_class = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                 for i, name in enumerate(classes)}
-    return {"accuracy": float((labels == preds).mean()),
-            "macro": {"precision": float(mp), "recall": float(mr), "f1": float(mf)}, "per_class": per_class}
-
-
-def write_confusion_csv(path: str, cm: np.ndarray, classes: list):
-    buf = io.StringIO()
-    rows = [[name, *(int(v) for v in row)] for name, row in zip(classes, cm)]
-    csv.writer(buf, lineterminator="\n").writerows([["true \\ predicted", *classes], *rows])
-    write_text(path, buf.getvalue())
 
 
 def plot_confusion(path: str, cm: np.ndarray, classes: list, title: str):
@@ -105,9 +81,9 @@ def plot_confusion(path: str, cm: np.ndarray, classes: list, title: str):
 
 def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
     """Test the checkpoint at `path` on ds's test set and write the metrics (fractions, 95 % Clopper-Pearson
-    intervals) and figures next to it; tta adds, beside the headline, the accuracy of averaging each image's and
-    its mirror's logits."""
-    from sklearn.metrics import classification_report, confusion_matrix
+    intervals) and figures next to it; tta adds the accuracy with mirror TTA, beside the plain headline."""
+    # imported here, not at the top: half a second that every start of every importing script would pay
+    from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
     device = torch.device(device)
     path = checkpoint_file(path)  # a folder's outputs go into the folder, next to its checkpoint
@@ -120,18 +96,22 @@ def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
     y_true, y_pred = labels.cpu().numpy(), result["preds"].numpy()
     classes = list(ds.classes)
     n, ids = len(y_true), list(range(len(classes)))
-    scores = classification_metrics(y_true, y_pred, classes)
+    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
     cm = confusion_matrix(y_true, y_pred, labels=ids)
-    for i, name in enumerate(classes):  # a class's accuracy is its recall
-        scores["per_class"][name]["recall_ci95"] = list(accuracy_interval(int(cm[i, i]), max(1, int(cm[i].sum()))))
+    correct = cm.diagonal().tolist()  # per class: a class's accuracy is its recall
+    per_class = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i]),
+                        "recall_ci95": list(accuracy_interval(correct[i], max(1, int(support[i]))))}
+                 for i, name in enumerate(classes)}
+    accuracy = sum(correct) / n
     val_acc = state.get("early_stopping", {}).get("best_acc")  # the validation accuracy the checkpoint was kept for
+    # sklearn's macro precision, recall and F1 are the plain means of its per-class ones
     metrics = {"checkpoint": os.path.abspath(path), "epoch": state.get("epoch"), "val_acc": val_acc, "test_images": n,
-               "loss": result["loss"], "accuracy_ci95": list(accuracy_interval(int((y_true == y_pred).sum()), n)),
-               **scores, "config": state["config"], "code_version": code_version()}
+               "loss": result["loss"], "accuracy": accuracy, "accuracy_ci95": list(accuracy_interval(sum(correct), n)),
+               "macro": {"precision": float(p.mean()), "recall": float(r.mean()), "f1": float(f.mean())},
+               "per_class": per_class, "config": state["config"], "code_version": code_version()}
     if val_acc is not None and val_acc >= 0:
-        metrics["val_minus_test"] = val_acc - metrics["accuracy"]
-        metrics["val_minus_test_ci95"] = list(difference_interval(val_acc, VAL_PER_CLASS * len(classes),
-                                                                  metrics["accuracy"], n))
+        metrics["val_minus_test"] = val_acc - accuracy
+        metrics["val_minus_test_ci95"] = list(difference_interval(val_acc, VAL_PER_CLASS * len(classes), accuracy, n))
     if tta:
         flipped = result["tta_acc"]
         metrics["tta"] = {"accuracy": flipped, "accuracy_ci95": list(accuracy_interval(round(flipped * n), n)),
@@ -143,18 +123,19 @@ def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
     name = os.path.basename(out)
     plot_mistakes(images.cpu(), y_true, result["probs"], classes, os.path.join(out, "mistakes.png"),
                   f"{name}: the 36 most confident mistakes on the test set (true class, prediction, confidence)")
-    plot_per_class_accuracy(classes, [int(cm[i, i]) for i in ids], [int(r.sum()) for r in cm],
-                            os.path.join(out, "per_class_accuracy.png"),
-                            f"{name}: test accuracy per class, {100 * metrics['accuracy']:.2f} % overall")
+    plot_per_class_accuracy(classes, correct, support.tolist(), os.path.join(out, "per_class_accuracy.png"),
+                            f"{name}: test accuracy per class, {100 * accuracy:.2f} % overall")
     write_text(os.path.join(out, "classification_report.txt"),
                classification_report(y_true, y_pred, labels=ids, target_names=classes, digits=4, zero_division=0))
-    write_confusion_csv(os.path.join(out, "confusion_matrix.csv"), cm, classes)
+    # Class names hold no commas or quotes: joined plainly, the rows are CSV.
+    rows = [["true \\ predicted", *classes], *([name, *map(str, row)] for name, row in zip(classes, cm))]
+    write_text(os.path.join(out, "confusion_matrix.csv"), "".join(",".join(row) + "\n" for row in rows))
     plot_confusion(os.path.join(out, "confusion_matrix.png"), cm, classes,
-                   f"{name}: test accuracy {100 * metrics['accuracy']:.2f} % on {n} images")
+                   f"{name}: test accuracy {100 * accuracy:.2f} % on {n} images")
     return metrics
 
 
-def parse_args(argv=None):
+def main(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a best.pt or last.pt written by stage2_final.py (or stage 1's last.pt), a "
                                       "model file written by --export, or a run folder: its best.pt (else model.pt)")
@@ -165,11 +146,7 @@ def parse_args(argv=None):
     p.add_argument("--tta", action="store_true",
                    help="also report the accuracy of averaging each image's and its mirror's logits, as a separate "
                         "figure (default: off)")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
+    args = p.parse_args(argv)
     code = run_main(lambda: export_main(args.checkpoint, args.export) if args.export else test_main(args),
                     kept="the checkpoint itself is untouched", interrupted="interrupted")
     if code:

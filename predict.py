@@ -51,28 +51,23 @@ def predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     model.eval()
     device = next(model.parameters()).device
     batch = eval_batch_size(device)
-    probs = [model(eval_transform(images[i : i + batch].to(device))).float().softmax(1).cpu()
-             for i in range(0, len(images), batch)]
+    probs = [model(eval_transform(chunk.to(device))).float().softmax(1).cpu() for chunk in images.split(batch)]
     return torch.cat(probs)
 
 
-def format_top(name: str, probs: torch.Tensor, classes=CLASSES, k: int = TOP) -> str:
-    p, idx = probs.topk(min(k, len(probs)))
-    return f"{name}: " + ", ".join(f"{classes[i]} {100 * v:.1f} %" for v, i in zip(p.tolist(), idx.tolist()))
-
-
-def parse_args(argv=None):
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="a model file written by evaluate.py --export, a checkpoint (best.pt, last.pt) "
-                                 "or a run folder: its best.pt (else model.pt)")
-    p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files PIL can read (PNG, JPEG, ...), any size and mode: each becomes 32x32 RGB")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    return p.parse_args(argv)
+def format_top(name: str, probs: torch.Tensor) -> str:
+    p, idx = probs.topk(TOP)
+    return f"{name}: " + ", ".join(f"{CLASSES[i]} {100 * v:.1f} %" for v, i in zip(p.tolist(), idx.tolist()))
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a model file written by evaluate.py --export, a checkpoint (best.pt, "
+                                      "last.pt) or a run folder: its best.pt (else model.pt)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files PIL can read (PNG, JPEG, ...), any size and mode: each becomes 32x32 RGB")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
         model = model_from_checkpoint(load_checkpoint(args.model), device)
