@@ -102,7 +102,9 @@ def _rdb_storage(url: str, heartbeat: int):
             # and a file made elsewhere, perhaps read-only, gets none); workers of a server retry instead.
             lock = url[len("sqlite:///"):] + ".lock"
             fresh = sqlite and (not os.path.isfile(lock[:-5]) or os.path.isfile(lock))
-            with _file_lock(lock if fresh else None):
+            with open(lock, "a") if fresh else contextlib.nullcontext() as held:
+                if held and fcntl:
+                    fcntl.flock(held, fcntl.LOCK_EX)  # let go as the file closes
                 storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
                                                      heartbeat_stale_trial_callback=retry_dead_worker_s_trial)
             if not sqlite:
@@ -116,16 +118,6 @@ def _rdb_storage(url: str, heartbeat: int):
             if attempt == 7 or not any(m in str(e).lower() for m in SCHEMA_RACE):
                 raise
             time.sleep((attempt + 1) * 0.3)
-
-
-@contextlib.contextmanager
-def _file_lock(path: str | None):
-    if path is None or fcntl is None:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 # ----------------------------------------------------------------------------- a database server that restarts
