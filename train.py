@@ -8,7 +8,6 @@ Trainer draws from its own, never from torch's global RNG, so that runs side by 
 import ctypes
 import math
 import random
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -20,6 +19,20 @@ from tqdm.auto import tqdm
 from augment import MAGNITUDE_BINS
 from data import RANDAUG_MAGNITUDE, RANDAUG_OPS, DeviceLoader, loss_fn, mix_batch
 from vit import ViT, ViTConfig
+
+
+# TrainConfig's checks: (fields, rule, the rule in words). The model's (drop_path, pool, ...) are ViTConfig's.
+_CHECKS = (
+    ("optimizer", lambda v: v in ("adamw", "sgd"), "must be 'adamw' or 'sgd'"),
+    ("scheduler", lambda v: v in ("cosine", "step"), "must be 'cosine' or 'step'"),
+    ("lr sgd_lr_scale batch_size epochs patience", lambda v: v > 0, "must be positive"),
+    ("warmup_epochs weight_decay grad_clip randaug_ops mixup_alpha cutmix_alpha", lambda v: v >= 0, "must be >= 0"),
+    ("label_smoothing", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("randaug_magnitude", lambda v: 0 <= v < MAGNITUDE_BINS, f"must be in 0..{MAGNITUDE_BINS - 1}"),
+    ("mix_prob switch_prob erase_prob", lambda v: 0 <= v <= 1, "is a probability, in [0, 1]"),
+    ("erase_area", lambda v: 0 < v[0] <= v[1] <= 1, "must be two shares MIN MAX with 0 < MIN <= MAX <= 1"),
+    ("erase_aspect", lambda v: 0 < v[0] <= v[1], "must be two ratios MIN MAX with 0 < MIN <= MAX"),
+)
 
 
 @dataclass
@@ -36,7 +49,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # "adamw" or "sgd" (with Nesterov momentum 0.9)
     lr: float = 5.8e-4  # peak learning rate, reached after warmup (SGD: times sgd_lr_scale)
     sgd_lr_scale: float = 100.0  # SGD's lr = lr x this: the searched 1e-5..1e-3 becomes 1e-3..0.1, SGD's range
-    label_smoothing: float = 0.0  # train against (1 - eps) one-hot + eps / 10; off: no gain at the proxy budget (docs/recipe.md)
+    label_smoothing: float = 0.0  # train against (1 - eps) one-hot + eps / 10; off: no gain at the proxy budget
     weight_decay: float = 0.01  # AdamW's decoupled decay (torch's default; 0.05 gained nothing); SGD: / 10, coupled
     scheduler: str = "cosine"  # "cosine" to zero, or "step": x0.1 at 50 % and 75 % of the epochs
     warmup_epochs: int = 2  # linear warmup: +5.8 points at the proxy budget, the one change that paid
@@ -59,36 +72,16 @@ class TrainConfig:
     seed: int = 0  # seeds the split, the init, the shuffling and the augmentation
 
     def __post_init__(self):
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
-        if self.scheduler not in ("cosine", "step"):
-            raise ValueError(f"scheduler must be 'cosine' or 'step', got {self.scheduler!r}")
-        for name in ("lr", "sgd_lr_scale"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0.0 <= self.drop_path < 1.0:
-            raise ValueError("warmup_epochs, weight_decay and grad_clip must be >= 0 and drop_path in [0, 1), got "
-                             f"{self.warmup_epochs}, {self.weight_decay}, {self.grad_clip}, {self.drop_path}")
-        if self.randaug_ops < 0 or not 0 <= self.randaug_magnitude < MAGNITUDE_BINS:
-            raise ValueError(f"randaug_ops must be >= 0 and randaug_magnitude in 0..{MAGNITUDE_BINS - 1}, got "
-                             f"{self.randaug_ops}, {self.randaug_magnitude}")
-        for name in ("mixup_alpha", "cutmix_alpha"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
-        for name in ("mix_prob", "switch_prob", "erase_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} is a probability, in [0, 1], got {getattr(self, name)}")
-        self.erase_area = _range("erase_area", self.erase_area)
-        self.erase_aspect = _range("erase_aspect", self.erase_aspect)
-        if not 0.0 < self.erase_area[0] <= self.erase_area[1] <= 1.0:
-            raise ValueError(f"erase_area must be two shares MIN MAX with 0 < MIN <= MAX <= 1, got {self.erase_area}")
-        if not 0.0 < self.erase_aspect[0] <= self.erase_aspect[1]:
-            raise ValueError(f"erase_aspect must be two ratios MIN MAX with 0 < MIN <= MAX, got {self.erase_aspect}")
-        for name in ("batch_size", "epochs", "patience"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("erase_area", "erase_aspect"):  # a tuple, or the list a JSON file or checkpoint holds
+            try:
+                lo, hi = map(float, getattr(self, name))
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be two numbers MIN MAX, got {getattr(self, name)!r}") from None
+            setattr(self, name, (lo, hi))
+        for names, ok, rule in _CHECKS:
+            for name in names.split():
+                if not ok(getattr(self, name)):
+                    raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
         self.vit_config()  # the model's own checks, raised now rather than mid-run
 
     def vit_config(self) -> ViTConfig:
@@ -98,8 +91,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """Build from a dict, ignoring keys that are not fields (e.g. a trial's extra attributes)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def to_dict(self) -> dict:
         # Ranges as lists: what JSON gives back, so that a config.json or a trial's attributes compare equal to it.
@@ -116,15 +108,6 @@ def with_defaults(config: dict) -> dict:
     missing: an older field's default may differ from what its absence meant (sgd_lr_scale's 100 was 1)."""
     defaults = TrainConfig().to_dict()
     return {**{k: defaults[k] for k in ADDED_OFF_FIELDS}, **config}
-
-
-def _range(name: str, value) -> tuple[float, float]:
-    """A (min, max) pair from a tuple, or the list a JSON file or checkpoint holds."""
-    try:
-        lo, hi = value
-        return float(lo), float(hi)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be two numbers MIN MAX, got {value!r}") from None
 
 
 # The recipe around the searched dimensions: one flag each, so that any choice can be switched off.
@@ -165,30 +148,22 @@ def add_recipe_flags(parser, defaults: dict | None = None, title: str = "the see
     for name, (kind, text) in RECIPE_FLAGS.items():
         default = defaults[name]
         pair = isinstance(default, (tuple, list))
-        group.add_argument(recipe_flag(name), type=kind, default=None, nargs=2 if pair else None,
+        group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, nargs=2 if pair else None,
                            metavar=("MIN", "MAX") if pair else kind.__name__.upper(),
                            help=f"{text} (default: {' '.join(f'{v:.3g}' for v in default) if pair else default})")
-
-
-def recipe_flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def recipe_overrides(flags: dict, error=None) -> dict:
     """The recipe fields among a command line's values (vars(args)) that were given, as TrainConfig keyword
     arguments. With error (parser.error), impossible values (--label-smoothing 1.5) end as its one-line usage
-    error, naming the flag at fault."""
+    error, naming the flag at fault (each field's checks are its own: no other field's value can fail it)."""
     overrides = {name: flags[name] for name in RECIPE_FLAGS if flags.get(name) is not None}
     if error is not None:
         for name, value in overrides.items():
             try:
                 TrainConfig(**{name: value})
             except ValueError as e:
-                error(f"{recipe_flag(name)}: {e}")
-        try:
-            TrainConfig(**overrides)
-        except ValueError as e:
-            error(str(e))
+                error(f"--{name.replace('_', '-')}: {e}")
     return overrides
 
 
@@ -198,8 +173,7 @@ class Diverged(RuntimeError):
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        mps = getattr(torch.backends, "mps", None)
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps is not None and mps.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     return torch.device(name)
 
 
@@ -214,11 +188,9 @@ def resolve_amp(device: torch.device, amp: str = "auto") -> torch.dtype | None:
     """The autocast dtype of the training steps, or None for float32."""
     if amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
-    if amp == "auto" and device.type != "cuda":
-        return None
-    if amp == "auto":  # is_bf16_supported() alone says yes on a T4 or V100 too, through emulation slower than fp32
+    if amp == "auto" and device.type == "cuda":  # is_bf16_supported() alone says yes on a T4 or V100 too (emulated)
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)  # None (float32): off, or auto off CUDA
 
 
 def validation_amp(device: torch.device, amp_dtype: torch.dtype | None) -> torch.dtype | None:
@@ -242,32 +214,24 @@ class RunRandom:
     generators); python: the mixing's per-batch draws. The model's init has a generator of its own."""
 
     def __init__(self, seed: int, device: torch.device):
-        self.device_type = device.type
         self.device = torch.Generator(device=device).manual_seed(seed)
         self.host = torch.Generator().manual_seed(seed + 1)
         self.python = random.Random(seed)
 
     def state_dict(self) -> dict:
-        return {"device_type": self.device_type, "device": self.device.get_state(), "host": self.host.get_state(),
-                "python": self.python.getstate()}
+        return {"device_type": self.device.device.type, "device": self.device.get_state(),
+                "host": self.host.get_state(), "python": self.python.getstate()}
 
     def load_state_dict(self, state: dict) -> bool:
         """Restore the streams; False (the device stream left as seeded) when the checkpoint was written on
         another kind of device, whose generator state does not fit this one."""
         self.host.set_state(state["host"])
-        self.python.setstate(_as_tuples(state["python"]))
-        if state["device_type"] != self.device_type:
+        version, internal, gauss = state["python"]  # setstate wants getstate's tuple; a checkpoint may hold a list
+        self.python.setstate((version, tuple(internal), gauss))
+        if state["device_type"] != self.device.device.type:
             return False
         self.device.set_state(state["device"])
         return True
-
-
-def _as_tuples(x):
-    # random.Random.setstate wants the tuples getstate gave; a checkpoint may hand back lists.
-    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-FUSED_DEVICES = ("cuda", "cpu")  # where torch >= 2.4 has fused kernels, for SGD as for AdamW
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
@@ -279,7 +243,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
-    # The search draws one lr range for both optimizers; SGD needs about 100x AdamW's step size.
     return torch.optim.SGD(groups, lr=cfg.lr * cfg.sgd_lr_scale, momentum=0.9, nesterov=True, fused=fused)
 
 
@@ -310,18 +273,13 @@ def keep_freed_memory() -> bool:
     or trims, so that the next step page-faults them back in: 650-6,000 faults a step (about 2 % of the time; 2
     cores, the seed's best shape) down to almost none. Process-wide, and memory once used stays: the bench's
     largest stage-1 trial peaked at 1,932-2,001 MB with it, 1,769-1,894 MB before."""
-    if not sys.platform.startswith("linux"):
-        return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # musl and other C libraries
+    except OSError:  # not glibc: musl, macOS, Windows
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     # 32 MB is glibc's largest mmap threshold on 64-bit: blocks up to it come from the heap.
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-CPU_ACTIVATION_BUDGET = 2**30  # bytes of saved activations per micro-batch on a CPU
 
 
 def eval_batch_size(device: torch.device, micro_batch: int | None = None) -> int:
@@ -336,9 +294,8 @@ def cpu_micro_batch(cfg: TrainConfig) -> int:
     """Samples per forward/backward on a CPU, so that a stage-1 run stays under 2.5 GB of RAM. Saved activations
     take about 128 bytes per token, channel and block (measured: 37 MB a sample for patch 2, width 192, depth 6).
     The seed's best shape fits whole; the largest run as a few micro-batches: the same gradients, no slower."""
-    vit = cfg.vit_config()
-    per_sample = 128 * (vit.num_patches + 1) * vit.embed_dim * vit.depth
-    return max(1, min(cfg.batch_size, CPU_ACTIVATION_BUDGET // per_sample))
+    per_sample = 128 * (cfg.vit_config().num_patches + 1) * cfg.embed_dim * cfg.depth
+    return max(1, min(cfg.batch_size, 2**30 // per_sample))  # 1 GiB of saved activations a micro-batch
 
 
 _FLOAT32_LOCK = threading.RLock()  # the flags are the process's: threads that evaluate at once take turns
@@ -349,19 +306,18 @@ def strict_float32():
     """float32 matmuls and convolutions on CUDA, TF32 off for both (by default cuDNN's convolutions use TF32,
     cuBLAS's matmuls do not); the settings before come back after. Through torch's fp32_precision settings, which
     replace the allow_tf32 flags (torch 2.9 on; mixing the two can raise), where torch has them."""
-    if hasattr(torch.backends.cudnn, "conv"):  # (where, name, strict value) for the matmuls and the convolutions
-        flags = ((torch.backends.cuda.matmul, "fp32_precision", "ieee"),
-                 (torch.backends.cudnn.conv, "fp32_precision", "ieee"))
+    if hasattr(torch.backends.cudnn, "conv"):  # the matmuls' and convolutions' settings, their strict value
+        places, name, strict = (torch.backends.cuda.matmul, torch.backends.cudnn.conv), "fp32_precision", "ieee"
     else:  # torch < 2.9
-        flags = ((torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False))
+        places, name, strict = (torch.backends.cuda.matmul, torch.backends.cudnn), "allow_tf32", False
     with _FLOAT32_LOCK:
-        before = [getattr(where, name) for where, name, _ in flags]
-        for where, name, strict in flags:
+        before = [getattr(where, name) for where in places]
+        for where in places:
             setattr(where, name, strict)
         try:
             yield
         finally:
-            for (where, name, _), value in zip(flags, before):
+            for where, value in zip(places, before):
                 setattr(where, name, value)
 
 
@@ -376,16 +332,14 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, return_preds: bool = 
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
     tta_correct = torch.zeros((), device=device, dtype=torch.long)
-    outs = []  # class probabilities with return_preds, else only the predicted classes
-    precision = strict_float32() if amp_dtype is None else torch.autocast(device.type, dtype=amp_dtype)
-    with precision:
+    outs = []  # class probabilities with return_preds, else the predicted classes (all a validation epoch needs)
+    with strict_float32() if amp_dtype is None else torch.autocast(device.type, dtype=amp_dtype):
         for x, y in loader:
             logits = model(x)
             if tta:
                 mirrored = (logits + model(x.flip(3))) / 2  # flip(3): the width axis of (B, C, H, W)
                 tta_correct += (mirrored.argmax(1) == y).sum()
             loss_sum += loss_fn(logits.float(), y) * len(y)
-            # Probabilities only when asked: a validation epoch needs just the argmax.
             outs.append(logits.float().softmax(1) if return_preds else logits.argmax(1))
     outs = torch.cat(outs)
     preds = outs.argmax(1) if return_preds else outs
@@ -439,15 +393,14 @@ class Trainer:
         # Fused AdamW: one kernel instead of ~10 per tensor (CPU: 1.1 ms instead of 4-5 ms a step for
         # the seed's best shape). Fused SGD likewise, and under fp16 it takes GradScaler's inf check as a
         # tensor: an unfused step reads it on the host, a GPU sync every step.
-        fused = device.type in FUSED_DEVICES if fused is None else fused
+        fused = device.type in ("cuda", "cpu") if fused is None else fused  # where torch >= 2.4 has the kernels
         if device.type == "cpu":
             keep_freed_memory()
         self.random = RunRandom(cfg.seed, device)
-        self.train_loader = DeviceLoader(train_images, train_labels, cfg.batch_size, train=True, augment=cfg.augment,
-                                         randaug_ops=cfg.randaug_ops, randaug_magnitude=cfg.randaug_magnitude,
-                                         erase_prob=cfg.erase_prob, erase_area=cfg.erase_area,
-                                         erase_aspect=cfg.erase_aspect,
-                                         generator=self.random.device, host_generator=self.random.host)
+        self.train_loader = DeviceLoader(
+            train_images, train_labels, cfg.batch_size, train=True, augment=cfg.augment, randaug_ops=cfg.randaug_ops,
+            randaug_magnitude=cfg.randaug_magnitude, erase_prob=cfg.erase_prob, erase_area=cfg.erase_area,
+            erase_aspect=cfg.erase_aspect, generator=self.random.device, host_generator=self.random.host)
         model = ViT(cfg.vit_config())
         # A generator of the init's own, on the CPU (then moved): the same init on every device, and one that
         # no other draw depends on, so that e.g. the model's size never shifts the augmentation's stream.
@@ -472,7 +425,6 @@ class Trainer:
         self.history = []  # one dict per completed epoch
         self.best_acc, self.best_epoch, self.bad_epochs = -1.0, 0, 0
 
-    # -- checkpoints: everything needed to continue exactly where a run stopped
     def state_dict(self) -> dict:
         es = {"best_acc": self.best_acc, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
         return {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
@@ -489,7 +441,6 @@ class Trainer:
         self.best_acc, self.best_epoch, self.bad_epochs = es["best_acc"], es["best_epoch"], es["bad_epochs"]
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        # False: written on another kind of device; the run goes on, but not as an uninterrupted one would.
         self.replays_exactly = self.random.load_state_dict(state["rng"])
 
     @property
@@ -510,7 +461,7 @@ class Trainer:
                                    generator=self.random.device, rng=self.random.python)
             self.optimizer.zero_grad(set_to_none=True)
             # Gradients of micro-batches, each weighted by its share, add up to the whole batch's.
-            for xm, tm, ym in zip(x.split(self.micro_batch), targets.split(self.micro_batch), y.split(self.micro_batch)):
+            for xm, tm, ym in zip(*(t.split(self.micro_batch) for t in (x, targets, y))):
                 # Drop-path's draws from the run's own generator, outside the (possibly compiled) forward.
                 keep = self.model.drop_path_keep(len(xm), self.random.device)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -562,18 +513,16 @@ class Trainer:
             if deadline is not None and last_epoch_s is not None and time.monotonic() + last_epoch_s > deadline:
                 self.stopped_for_time = True
                 break
-            started = time.monotonic()
+            started = time.monotonic()  # epoch_s: training and validation
             lr = self.optimizer.param_groups[0]["lr"]
             record = self.train_epoch()
             val = evaluate(self.model, self.val_loader, amp_dtype=self.val_amp_dtype)
             self.epoch += 1
             record = {"epoch": self.epoch, **record, "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
-                      "epoch_s": time.monotonic() - started}  # training and validation
-            record["is_best"] = val["acc"] > self.best_acc
+                      "epoch_s": time.monotonic() - started, "is_best": val["acc"] > self.best_acc}
             if record["is_best"]:
-                self.best_acc, self.best_epoch, self.bad_epochs = val["acc"], self.epoch, 0
-            else:
-                self.bad_epochs += 1
+                self.best_acc, self.best_epoch = val["acc"], self.epoch
+            self.bad_epochs = 0 if record["is_best"] else self.bad_epochs + 1
             self.history.append(record)
             if on_epoch is not None:
                 on_epoch(self, record)
