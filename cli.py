@@ -25,9 +25,6 @@ from train import pick_device
 
 EXIT_TIME_LIMIT = 75
 
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
-
-
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors in one line: the usage is in --help; a misspelt flag gets the closest one's name."""
 
@@ -48,19 +45,14 @@ def closest(name: str, names) -> list:
 
 def duration(text: str) -> float:
     """'2h40m', '90m', '45s', '1.5h' or plain seconds ('9600') as seconds; argparse's type for --time-limit."""
-    match = _DURATION.fullmatch(text.strip().lower())
-    if not text.strip() or match is None or not any(match.groups()):
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip().lower())
+    if match is None or not any(match.groups()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use e.g. 2h40m, 90m, 45s or plain seconds")
     hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
     total = 3600 * hours + 60 * minutes + seconds
     if total <= 0:
         raise argparse.ArgumentTypeError(f"a time limit must be more than 0, got {text!r}")
     return total
-
-
-TIME_LIMIT_HELP = ("stop at the end of the last epoch that fits in this wall time (e.g. 2h40m, 90m or seconds), "
-                   f"with everything a resume needs written; exit code {EXIT_TIME_LIMIT}, and the same command "
-                   "continues (default: no limit)")
 
 
 def add_worker_flags(parser: argparse.ArgumentParser, what: str):
@@ -73,7 +65,10 @@ def add_worker_flags(parser: argparse.ArgumentParser, what: str):
                         help=f"seconds between a running {what}'s heartbeats in an RDB storage; one silent for 2 "
                              f"intervals (its worker killed, its machine gone) is failed by the next worker to start "
                              f"one and retried from its last checkpoint (default: 60)")
-    parser.add_argument("--time-limit", type=duration, default=None, metavar="DURATION", help=TIME_LIMIT_HELP)
+    parser.add_argument("--time-limit", type=duration, default=None, metavar="DURATION",
+                        help=f"stop at the end of the last epoch that fits in this wall time (e.g. 2h40m, 90m or "
+                             f"seconds), with everything a resume needs written; exit code {EXIT_TIME_LIMIT}, and the "
+                             f"same command continues (default: no limit)")
 
 
 def clock(seconds: float, precise: bool = False) -> str:

@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass, replace
 
 import optuna
+import sqlalchemy
 import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from tqdm.auto import tqdm
@@ -37,6 +38,7 @@ except ImportError:  # Windows
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 MAX_RETRIES = 2  # a configuration that kills its worker every time (out of memory) is given up after this
+SCHEMA_RACE = ("already exists", "duplicate", "unique constraint", "database is locked")  # see open_storage
 
 
 def redact_url(url: str) -> str:
@@ -49,7 +51,7 @@ def driver_line(url: str, e: Exception) -> str:
     first_line = (str(e).splitlines() or [""])[0]  # drivers add pages of SQL and links below it
     password = re.match(r"[^:]+://[^/@:]*:([^/@]*)@", url)
     if password and password.group(1):
-        first_line = first_line.replace(url, redact_url(url)).replace(password.group(1), "***")
+        first_line = first_line.replace(password.group(1), "***")  # in the URL too
     return f"{type(e).__name__}: {first_line}"
 
 
@@ -70,39 +72,22 @@ def retry_dead_worker_s_trial(study: optuna.Study, trial: optuna.trial.FrozenTri
 def open_storage(url: str, heartbeat: int = 60):
     """An RDB URL (sqlite:///, postgresql://, mysql://) or a journal file's path, as an Optuna storage.
     Any failure (a bad URL, a missing driver, an unreachable server, a foreign file) is a StorageError."""
-    try:
-        if "://" not in url:
-            from optuna.storages.journal import JournalFileBackend
-
-            os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
-            return optuna.storages.JournalStorage(JournalFileBackend(url))
-        return _rdb_storage(url, heartbeat)
-    except Exception as e:
-        raise storage_error(url, e) from None
-
-
-# Raised by workers that create Optuna's schema at the same moment; the loser's retry finds it made.
-SCHEMA_RACE = ("already exists", "duplicate", "unique constraint", "database is locked")
-
-
-def _rdb_storage(url: str, heartbeat: int):
-    sqlite = url.startswith("sqlite:///")
-    if sqlite:
-        os.makedirs(os.path.dirname(os.path.abspath(url[len("sqlite:///"):])), exist_ok=True)
-        # Several workers on one file: wait for SQLite's lock instead of failing with "database is locked".
-        engine_kwargs = {"connect_args": {"timeout": 60}}
-    else:
-        # A server that restarts drops every pooled connection: SQLAlchemy tests each as it is taken and opens a
-        # new one for a dead one (Optuna turns this on for MySQL only); wait_for_the_server makes that wait.
-        engine_kwargs = {"pool_pre_ping": True}
+    sqlite, path = url.startswith("sqlite:///"), url.removeprefix("sqlite:///")
+    # Several workers on one SQLite file wait for its lock instead of failing with "database is locked". A server
+    # that restarts drops every pooled connection: SQLAlchemy tests each as it is taken and opens a new one for a
+    # dead one (Optuna turns this on for MySQL only); wait_for_the_server makes that wait.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
     for attempt in range(8):
         try:
+            if sqlite or "://" not in url:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if "://" not in url:
+                return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
             # Optuna's known race: workers creating the schema of one new database at once. A lock beside a new
             # SQLite file settles it (its workers share a machine; the lock stays, for those still on their way,
             # and a file made elsewhere, perhaps read-only, gets none); workers of a server retry instead.
-            lock = url[len("sqlite:///"):] + ".lock"
-            fresh = sqlite and (not os.path.isfile(lock[:-5]) or os.path.isfile(lock))
-            with open(lock, "a") if fresh else contextlib.nullcontext() as held:
+            fresh = sqlite and (not os.path.isfile(path) or os.path.isfile(path + ".lock"))
+            with open(path + ".lock", "a") if fresh else contextlib.nullcontext() as held:
                 if held and fcntl:
                     fcntl.flock(held, fcntl.LOCK_EX)  # let go as the file closes
                 storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
@@ -114,9 +99,9 @@ def _rdb_storage(url: str, heartbeat: int):
             beat = storage.record_heartbeat
             storage.record_heartbeat = lambda trial_id: through_a_restart(storage, beat, trial_id)
             return storage
-        except Exception as e:
+        except Exception as e:  # the loser of the schema race retries, and finds the schema made
             if attempt == 7 or not any(m in str(e).lower() for m in SCHEMA_RACE):
-                raise
+                raise storage_error(url, e) from None
             time.sleep((attempt + 1) * 0.3)
 
 
@@ -128,8 +113,6 @@ RECONNECT_S = 60  # how long a worker waits for its database server to come back
 def wait_for_the_server(engine, patience_s: float = RECONNECT_S):
     """New connections of `engine` wait, retrying every second, for up to patience_s for a server that
     refuses them (restarting), instead of failing at once."""
-    import sqlalchemy
-
     @sqlalchemy.event.listens_for(engine, "do_connect")
     def connect(dialect, conn_rec, cargs, cparams):
         deadline = time.monotonic() + patience_s
@@ -142,18 +125,16 @@ def wait_for_the_server(engine, patience_s: float = RECONNECT_S):
                 time.sleep(1.0)
 
 
-def through_a_restart(storage, call, *args, attempts: int = 3):
-    """call(*args), again (up to `attempts` in all) when the server dropped the connection under it (a
+def through_a_restart(storage, call, *args):
+    """call(*args), again (up to 3 times in all) when the server dropped the connection under it (a
     restart mid-query), after closing the storage's session that the dropped connection left broken. For a
     running trial's storage calls, which may be made twice (a report written twice is written once)."""
-    import sqlalchemy
-
-    for attempt in range(attempts):
+    for attempt in range(3):
         try:
             return call(*args)
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
             # Optuna wraps the error, and its rollback fails in its turn: the invalidated connection is further down.
-            if attempt == attempts - 1 or not any(getattr(x, "connection_invalidated", False) for x in _chain(e)):
+            if attempt == 2 or not any(getattr(x, "connection_invalidated", False) for x in _chain(e)):
                 raise
             if isinstance(storage, optuna.storages.RDBStorage):
                 storage.scoped_session.remove()
@@ -164,8 +145,6 @@ def storage_lost_in_one_line(url: str, work):
     """work(), with a storage that failed under it (a server gone for longer than wait_for_the_server waits, a
     full disk under an SQLite file) turned into a StorageError: one line, exit 1. The trial it cut is failed by
     the heartbeat and queued again, so the same command continues once the storage is back."""
-    import sqlalchemy
-
     try:
         return work()
     except Exception as e:  # Optuna may wrap it, or fail in its turn while it fails the trial
@@ -229,7 +208,7 @@ def run_processes(target, arg_tuples: list, name: str) -> str | None:
 
     Processes, not threads: threads share a CUDA stream, one autograd engine thread and the GIL, and one
     crash would end them all. Spawned, not forked: a forked child of a process that touched CUDA cannot use
-    it. The workers ignore Ctrl-C (stop_workers_on_sigterm); this process passes each Ctrl-C or SIGTERM on to
+    it. The workers ignore Ctrl-C (_worker_main); this process passes each Ctrl-C or SIGTERM on to
     them as SIGTERM, so that a terminal's Ctrl-C and a scheduler's SIGTERM stop them alike."""
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=target, args=a, name=f"{name}-{k + 1}") for k, a in enumerate(arg_tuples)]
@@ -241,22 +220,17 @@ def run_processes(target, arg_tuples: list, name: str) -> str | None:
             for proc in procs:
                 proc.join(timeout=0.2)
         except KeyboardInterrupt:  # a second signal: theirs too, so that they stop at once
-            _pass_on(procs)
+            for proc in procs:
+                proc.terminate()
             continue
         if stop_requested() is not None and not passed_on:  # the first: they stop after their running step
-            _pass_on(procs)
+            for proc in procs:
+                proc.terminate()  # SIGTERM on POSIX; nothing for one that has ended
             passed_on = True
     codes = {proc.exitcode for proc in procs}
     if stop_requested() is not None or {130, 143} & codes:
         return "interrupted"
     return "time" if EXIT_TIME_LIMIT in codes else "failed" if codes - {0} else None
-
-
-def _pass_on(procs):
-    for proc in procs:
-        if proc.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
 
 
 # ----------------------------------------------------------------------------- a worker's trials
