@@ -18,10 +18,6 @@ from data import DataError
 from reports import write_bytes
 from train import with_defaults
 
-# What a folder stands for, in this order: training's own checkpoint, else an exported model file.
-FOLDER_CHECKPOINTS = ("best.pt", "model.pt")
-# How every file torch.save writes begins: a zip archive, or (the legacy format) a pickle of protocol 2 or later.
-TORCH_FILE_HEADS = (b"PK\x03\x04", b"\x80")
 # What a last.pt must hold to be resumed; one written by an older version of this code may lack some.
 RESUME_KEYS = {"config", "model", "optimizer", "scheduler", "epoch", "history", "early_stopping", "rng"}
 
@@ -38,7 +34,7 @@ def save_checkpoint(state: dict, path: str):
 def checkpoint_file(path: str) -> str:
     if not os.path.isdir(path):
         return path
-    for name in FOLDER_CHECKPOINTS:
+    for name in ("best.pt", "model.pt"):  # training's own checkpoint, else an exported model file
         if os.path.isfile(os.path.join(path, name)):
             return os.path.join(path, name)
     raise DataError(f"{path} is a folder with neither best.pt nor model.pt in it; pass the checkpoint file itself "
@@ -52,27 +48,25 @@ def load_checkpoint(path: str) -> dict:
         raise DataError(f"no checkpoint at {path}")
     with open(path, "rb") as f:
         head = f.read(8)
-    # A JSON or text file fails torch's safe loader too, but as an unknown opcode, which on its own reads like a
-    # pickle that was refused; its first bytes tell the two apart.
-    foreign = DataError(f"{path} is not a checkpoint: " + ("it is empty" if not head else
-                        f"PyTorch files begin as a zip archive or a pickle, this one with {head!r}"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols before refusing them
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except Exception as e:  # refused, foreign or truncated: each said in one line
         # torch's safe loader stops at the first thing that is not tensors or plain data: a class or
         # function (how a pickle runs code) or an opcode it does not allow. Its own message suggests
         # weights_only=False, the one thing not to do with such a file, so it is not passed on.
-        found = re.search(r"GLOBAL (\S+)|(Unsupported operand \d+)", str(e))
-        if not head.startswith(TORCH_FILE_HEADS) and not (found and found.group(1)):
-            raise foreign from None  # a pickle naming a global is refused below whatever its first bytes
-        what = f" (first offender: {found.group(1) or found.group(2)})" if found else ""
-        raise DataError(f"refusing to load {path}: it holds more than tensors and plain data{what}, and loading "
-                        f"it fully could run code; checkpoints of this project never do") from None
-    except Exception as e:  # truncated zips, foreign files: all mean the same to the user
-        if not head.startswith(TORCH_FILE_HEADS):
-            raise foreign from None
+        refused = isinstance(e, pickle.UnpicklingError)
+        found = re.search(r"GLOBAL (\S+)|(Unsupported operand \d+)", str(e)) if refused else None
+        # A JSON or text file fails too, as an unknown opcode that reads like a refused pickle; torch.save's files
+        # begin as a zip archive or (legacy) a pickle of protocol 2+. A pickle naming a global is refused whatever.
+        if not head.startswith((b"PK\x03\x04", b"\x80")) and not (found and found.group(1)):
+            raise DataError(f"{path} is not a checkpoint: " + ("it is empty" if not head else
+                            f"PyTorch files begin as a zip archive or a pickle, this one with {head!r}")) from None
+        if refused:
+            what = f" (first offender: {found.group(1) or found.group(2)})" if found else ""
+            raise DataError(f"refusing to load {path}: it holds more than tensors and plain data{what}, and loading "
+                            f"it fully could run code; checkpoints of this project never do") from None
         raise DataError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); "
                         f"it may be truncated") from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():

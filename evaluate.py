@@ -19,14 +19,13 @@ import argparse
 import os
 import sys
 
-import numpy as np
 import torch
 
 from checkpoint import checkpoint_file, load_checkpoint, save_checkpoint
 from cli import OneLineParser, add_common_flags, resolve_device, run_main
 from data import VAL_PER_CLASS, DataError, DeviceLoader, final_test_set, load_cifar10
 from reports import (accuracy_interval, code_version, difference_interval, plot_mistakes, plot_per_class_accuracy,
-                     pyplot, save_figure, write_json, write_text)
+                     pyplot, save_figure, write_bytes, write_json)
 from train import TrainConfig, eval_batch_size, evaluate
 from vit import ViT
 
@@ -65,25 +64,12 @@ def model_from_checkpoint(state: dict, device) -> ViT:
     return model.to(device)
 
 
-def plot_confusion(path: str, cm: np.ndarray, classes: list, title: str):
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    # Rows of a class the test set lacks would divide by zero; they stay 0.
-    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, axes = pyplot().subplots(1, 2, figsize=(17, 7.5))
-    for ax, values, name, fmt in ((axes[0], cm, "counts", "d"),
-                                  (axes[1], norm, "row-normalised (recall on the diagonal)", ".2f")):
-        ConfusionMatrixDisplay(values, display_labels=classes).plot(ax=ax, cmap="Blues", values_format=fmt,
-                                                                    xticks_rotation=45)
-        ax.set(xlabel="predicted class", ylabel="true class", title=name)
-    save_figure(fig, path, title)
-
-
 def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
     """Test the checkpoint at `path` on ds's test set and write the metrics (fractions, 95 % Clopper-Pearson
     intervals) and figures next to it; tta adds the accuracy with mirror TTA, beside the plain headline."""
     # imported here, not at the top: half a second that every start of every importing script would pay
-    from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import (ConfusionMatrixDisplay, classification_report, confusion_matrix,
+                                 precision_recall_fscore_support)
 
     device = torch.device(device)
     path = checkpoint_file(path)  # a folder's outputs go into the folder, next to its checkpoint
@@ -125,13 +111,20 @@ def evaluate_checkpoint(path: str, ds, device="cpu", tta: bool = False) -> dict:
                   f"{name}: the 36 most confident mistakes on the test set (true class, prediction, confidence)")
     plot_per_class_accuracy(classes, correct, support.tolist(), os.path.join(out, "per_class_accuracy.png"),
                             f"{name}: test accuracy per class, {100 * accuracy:.2f} % overall")
-    write_text(os.path.join(out, "classification_report.txt"),
-               classification_report(y_true, y_pred, labels=ids, target_names=classes, digits=4, zero_division=0))
+    write_bytes(os.path.join(out, "classification_report.txt"),
+                classification_report(y_true, y_pred, labels=ids, target_names=classes, digits=4, zero_division=0))
     # Class names hold no commas or quotes: joined plainly, the rows are CSV.
     rows = [["true \\ predicted", *classes], *([name, *map(str, row)] for name, row in zip(classes, cm))]
-    write_text(os.path.join(out, "confusion_matrix.csv"), "".join(",".join(row) + "\n" for row in rows))
-    plot_confusion(os.path.join(out, "confusion_matrix.png"), cm, classes,
-                   f"{name}: test accuracy {100 * accuracy:.2f} % on {n} images")
+    write_bytes(os.path.join(out, "confusion_matrix.csv"), "".join(",".join(row) + "\n" for row in rows))
+    fig, axes = pyplot().subplots(1, 2, figsize=(17, 7.5))
+    # scikit-learn's row normalisation leaves the row of a class the test set lacks at 0
+    for ax, normalize, title, fmt in ((axes[0], None, "counts", "d"),
+                                      (axes[1], "true", "row-normalised (recall on the diagonal)", ".2f")):
+        ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=ids, normalize=normalize, display_labels=classes,
+                                                ax=ax, cmap="Blues", values_format=fmt, xticks_rotation=45)
+        ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    save_figure(fig, os.path.join(out, "confusion_matrix.png"),
+                f"{name}: test accuracy {100 * accuracy:.2f} % on {n} images")
     return metrics
 
 

@@ -23,7 +23,6 @@ from evaluate import model_from_checkpoint
 from train import eval_batch_size
 
 SIZE = 32  # CIFAR-10's images, all the model has seen
-TOP = 3
 
 
 def load_image(path: str) -> torch.Tensor:
@@ -50,13 +49,12 @@ def predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Class probabilities (B, classes) of uint8 images (B, 3, 32, 32), normalised as evaluation normalises."""
     model.eval()
     device = next(model.parameters()).device
-    batch = eval_batch_size(device)
-    probs = [model(eval_transform(chunk.to(device))).float().softmax(1).cpu() for chunk in images.split(batch)]
-    return torch.cat(probs)
+    return torch.cat([model(eval_transform(chunk.to(device))).float().softmax(1).cpu()
+                      for chunk in images.split(eval_batch_size(device))])
 
 
 def format_top(name: str, probs: torch.Tensor) -> str:
-    p, idx = probs.topk(TOP)
+    p, idx = probs.topk(3)
     return f"{name}: " + ", ".join(f"{CLASSES[i]} {100 * v:.1f} %" for v, i in zip(p.tolist(), idx.tolist()))
 
 

@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 import optuna
+import torch
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
@@ -73,11 +74,8 @@ def write_bytes(path: str, data: bytes | str):
             os.close(fd)
 
 
-write_text = write_bytes  # one writer for both; the name says what its caller writes
-
-
 def write_json(path: str, obj):
-    write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+    write_bytes(path, json.dumps(obj, indent=2, default=float) + "\n")
 
 
 class TensorBoardLogger:
@@ -127,7 +125,6 @@ def save_figure(fig, path: str, title: str | None = None, dpi: int = 100):
 
 
 def plot_curves(history: list, path: str, title: str):
-    """Training and validation loss and accuracy per epoch, side by side, in one PNG."""
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
@@ -146,19 +143,15 @@ def plot_curves(history: list, path: str, title: str):
 
 def most_confident_mistakes(probs, labels, k: int = 36) -> list:
     """Indices of up to k misclassified images, the most confident (highest predicted probability) first."""
-    import torch
-
     conf, pred = torch.as_tensor(probs).max(1)
     wrong = (pred != torch.as_tensor(labels)).nonzero().flatten()
     return wrong[conf[wrong].argsort(descending=True)][:k].tolist()
 
 
-def plot_mistakes(images, labels, probs, classes: list, path: str, title: str, k: int = 36) -> list:
-    """A grid of the k most confident mistakes, each with true class, prediction and confidence; returns their
+def plot_mistakes(images, labels, probs, classes: list, path: str, title: str) -> list:
+    """A grid of the 36 most confident mistakes, each with true class, prediction and confidence; returns their
     indices. images: uint8 (N, 3, 32, 32); probs: (N, classes) softmax outputs."""
-    import torch
-
-    picked = most_confident_mistakes(probs, labels, k)
+    picked = most_confident_mistakes(probs, labels)
     conf, pred = torch.as_tensor(probs).max(1)
     cols = 6
     rows = max(1, -(-len(picked) // cols))
@@ -176,7 +169,6 @@ def plot_mistakes(images, labels, probs, classes: list, path: str, title: str, k
 
 
 def plot_per_class_accuracy(classes: list, correct: list, totals: list, path: str, title: str):
-    """Per-class test accuracy (%) as bars with their 95 % Clopper-Pearson intervals."""
     acc = 100 * np.asarray(correct) / np.asarray(totals)
     low, high = 100 * np.array([accuracy_interval(c, n) for c, n in zip(correct, totals)]).T
     fig, ax = pyplot().subplots(figsize=(9, 4))
@@ -279,7 +271,7 @@ def write_stage1_reports(study: optuna.Study, out_dir: str, top_k: int = 3, plot
     if plots and len(done) < MIN_TRIALS_FOR_IMPORTANCE:
         lines += ["", f"No parameter importances: {len(done)} completed trial(s); they mean little below "
                       f"{MIN_TRIALS_FOR_IMPORTANCE}."]
-    write_text(os.path.join(out_dir, "summary.md"), "\n".join(lines) + "\n")
+    write_bytes(os.path.join(out_dir, "summary.md"), "\n".join(lines) + "\n")
     if not plots:
         return
     pyplot()  # first: it picks the file-only backend before Optuna's plots import pyplot
@@ -352,14 +344,14 @@ def plot_comparison(rows: list, path: str):
     save_figure(fig, path)
 
 
-def pairwise_tests(rows: list, out_dir: str) -> list:
+def pairwise_tests(tested: list, out_dir: str) -> list:
     """Exact McNemar test for every pair of tested models, best first, from their saved per-image predictions."""
     from evaluate import PREDICTIONS_FILE  # here: evaluate.py's scikit-learn import would slow every stage-1 worker
 
     correct = {}
-    for r in rows:
+    for r in tested:
         path = os.path.join(out_dir, r["model"], PREDICTIONS_FILE)
-        if r.get("test_acc") is not None and os.path.isfile(path):
+        if os.path.isfile(path):
             p = json.loads(pathlib.Path(path).read_text())
             correct[r["model"]] = np.asarray(p["preds"]) == np.asarray(p["labels"])
     order = sorted(correct, key=lambda name: -correct[name].mean())
@@ -369,9 +361,7 @@ def pairwise_tests(rows: list, out_dir: str) -> list:
 
 def write_stage2_report(rows: list, out_dir: str, subset: float, patience: int):
     tested = [r for r in rows if r.get("test_acc") is not None]
-    pairs = pairwise_tests(rows, out_dir)
-    if tested:
-        plot_comparison(tested, os.path.join(out_dir, "comparison.png"))
+    pairs = pairwise_tests(tested, out_dir)
     lines = [
         "# Stage 2: final models on the CIFAR-10 test set", "",
         f"{len(rows)} model(s), each retrained from scratch on "
@@ -428,6 +418,7 @@ def write_stage2_report(rows: list, out_dir: str, subset: float, patience: int):
             "```", r["classification_report"].rstrip(), "```",
         ]
     if tested:
+        plot_comparison(tested, os.path.join(out_dir, "comparison.png"))
         lines += ["", "![test accuracy, macro precision, recall and F1 per model](comparison.png)"]
     if pairs:
         lines += ["", "## Is the best model really better?", "",
@@ -436,10 +427,9 @@ def write_stage2_report(rows: list, out_dir: str, subset: float, patience: int):
                   "right count):", "",
                   "| model A | model B | A right, B wrong | B right, A wrong | p-value | at the 5 % level |",
                   "|---|---|--:|--:|--:|---|"]
-        for t in pairs:
-            lines.append(f"| {t['a']} | {t['b']} | {t['a_only']} | {t['b_only']} | {t['p_value']:.3g} | "
-                         f"{'A better' if t['p_value'] < 0.05 else 'no significant difference'} |")
-    write_text(os.path.join(out_dir, "report.md"), "\n".join(lines + sections) + "\n")
+        lines += [f"| {t['a']} | {t['b']} | {t['a_only']} | {t['b_only']} | {t['p_value']:.3g} | "
+                  f"{'A better' if t['p_value'] < 0.05 else 'no significant difference'} |" for t in pairs]
+    write_bytes(os.path.join(out_dir, "report.md"), "\n".join(lines + sections) + "\n")
     models = [{k: v for k, v in r.items() if k != "classification_report"} for r in rows]
     write_json(os.path.join(out_dir, "summary.json"), {"accuracy_unit": "fraction", "models": models,
                                                        "pairwise_mcnemar": pairs})
