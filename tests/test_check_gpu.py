@@ -73,7 +73,7 @@ GRID = {"configs": [SEED, SLOW, SMALL]}
 
 
 def config(row):
-    return {k: row[k] for k in bench.GRID_KEYS}
+    return {k: row[k] for k in bench.COST_CHOICES}
 
 
 def measured_trial(number, row, step_s, after_epoch, overhead, warm_extra=0.0):
@@ -100,12 +100,13 @@ def stages():
 
 def test_the_costs_around_the_steps_come_from_the_stages_runs_per_epoch_per_trial_and_once():
     stage1, stage2 = stages()
-    worst = check_gpu.stage_costs(GRID, stage1, stage2, max)
+    plan = check_gpu.project(GRID, stage1, stage2)
+    worst = plan["bound"]
     assert worst["epoch_extra_s"] == pytest.approx(0.3)  # 0.40 after an epoch, less its 0.1 s checkpoint
     assert worst["trial_overhead_s"] == pytest.approx(4.0)  # each trial's own (trial 1: 2 s, and 1 s of warm-up)
     assert worst["stage1_one_off_s"] == pytest.approx(7.0)
     assert worst["model_fixed_s"] == pytest.approx(10.0)
-    mean = check_gpu.stage_costs(GRID, stage1, stage2, statistics.mean)
+    mean = plan["estimate"]
     assert mean["epoch_extra_s"] == pytest.approx(0.275) and mean["trial_overhead_s"] == pytest.approx(3.5)
 
 
@@ -124,10 +125,9 @@ def test_the_projection_counts_each_configurations_steps_and_bounds_with_the_cos
     assert b["model_s"] == pytest.approx(slow_model) and b["stage2_s"] == pytest.approx(3 * slow_model)
     assert "patch 2, width 192" in b["stage1_configs"] and "patch 2, width 192" in b["stage2_configs"]
     # the estimate: stage 1 evenly over the configurations, stage 2 the seed's, the grid's mean steps
-    costs = check_gpu.stage_costs(GRID, stage1, stage2, statistics.mean)
     assert e["trial_s"] == pytest.approx(statistics.mean(
-        check_gpu.run_s(r, statistics.mean(r["step_s"]), costs, 1) for r in GRID["configs"]))
-    seed_model = costs["model_fixed_s"] + 1.0 + 2.0 + 120 * (351 * 0.011 + 0.5 + 2 * 0.1 + 0.275) + 1.2
+        check_gpu.run_s(r, statistics.mean(r["step_s"]), e, 1) for r in GRID["configs"]))
+    seed_model = e["model_fixed_s"] + 1.0 + 2.0 + 120 * (351 * 0.011 + 0.5 + 2 * 0.1 + 0.275) + 1.2
     assert e["model_s"] == pytest.approx(seed_model) and "the seed's" in e["stage2_configs"]
     assert b["total_s"] > e["total_s"] and plan["upper_bound"] == "bound"
     assert "bound" not in check_gpu.project({"configs": []}, stage1, stage2)

@@ -5,8 +5,7 @@
     python tools/ablation.py --table                               # the markdown table of what has run
 
 This module owns the variants and their table. Every run trains the same shape and optimiser (SEED_BEST) for 10
-epochs on stage 1's 20 % proxy, judged on the fixed 5,000-image validation split, and writes one JSON (config,
-per-epoch history, best validation accuracy, wall time) under --out.
+epochs on stage 1's 20 % proxy, judged on the fixed 5,000-image validation split, and writes its JSON under --out.
 """
 
 import argparse

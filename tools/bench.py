@@ -4,12 +4,10 @@
     python tools/bench.py --ops-only                # only the operations, eager and compiled
     python tools/bench.py --grid --json grid.json   # each configuration of stage 1's space that differs in cost
 
-This module owns these measurements, taken through the Trainer as the stages run it, in training's precision,
-on random images (a step costs the same whatever they show). The default run times the seed's configuration
-(configs/seed_recipe.json), then counts the operations a step dispatches, augmentation's share included, eager
-and, but with --quick, compiled; a CPU counts in bf16, standing in for the kernels a GPU launches. --grid times,
-on the costliest recipe either stage runs, every configuration of stage 1's space that differs in a step's cost:
-tools/check_gpu.py projects the plan from them.
+This module owns these measurements, taken through the Trainer as the stages run it, in training's precision, on
+random images (a step costs the same whatever they show): the seed's configuration (configs/seed_recipe.json), then
+the operations a step dispatches, eager and, but with --quick, compiled (a CPU counts in bf16, as a GPU trains).
+--grid times its configurations on the costliest recipe either stage runs: tools/check_gpu.py projects from them.
 """
 
 import argparse
@@ -38,7 +36,6 @@ PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
 # Stage 1's choices that change a step's cost (stage1_search.suggest_config; a test keeps the two in step)
 COST_CHOICES = dict(patch_size=(2, 4), embed_dim=(128, 192), depth=(4, 6), num_heads=(2, 4), batch_size=(64, 128),
                     optimizer=("adamw", "sgd"))
-GRID_KEYS = tuple(COST_CHOICES)
 COSTLIEST = {**LONG_RECIPE, "mix_prob": 1.0, "mixup_alpha": 0.1}  # either stage's step costs at most this recipe's
 
 
@@ -111,7 +108,7 @@ def config_times(cfg: TrainConfig, device, amp: str = "auto", smoke: bool = Fals
     test_s = timed(lambda: evaluate(trainer.model, trainer.val_loader), device)
     with tempfile.TemporaryDirectory() as folder:
         save_s = timed(lambda: save_checkpoint(trainer.state_dict(), os.path.join(folder, "last.pt")), device)
-    row = {**{k: getattr(cfg, k) for k in GRID_KEYS}, "setup_s": setup_s, "steps": steps, "save_s": save_s,
+    row = {**{k: getattr(cfg, k) for k in COST_CHOICES}, "setup_s": setup_s, "steps": steps, "save_s": save_s,
            "step_s": [t / steps for t in epochs], "img_s": cfg.batch_size * steps / statistics.mean(epochs),
            "val_s": val_s * 5000 / val_images, "test_s": test_s * 10000 / val_images,
            "warmup_s": max(0.0, first - statistics.mean(epochs) - val_s)}
@@ -184,7 +181,7 @@ def ops_figures(device_arg: str, amp: str = "auto", modes=("off", "default"), cf
 
 
 def search_grid() -> list:
-    return [TrainConfig(**COSTLIEST, **dict(zip(GRID_KEYS, values))) for values in
+    return [TrainConfig(**COSTLIEST, **dict(zip(COST_CHOICES, values))) for values in
             itertools.product(*COST_CHOICES.values())]
 
 

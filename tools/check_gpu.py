@@ -3,10 +3,9 @@
     python tools/check_gpu.py --out check [--data-dir data] [--device auto] [--pack]
     python tools/check_gpu.py --device cpu --smoke --out /tmp/check   # every run tiny: a test that all runs
 
-This module owns the check: its runs (RUNS: tools/bench.py, its grid of the search space's step times, a 2-trial
-stage 1 and a 3-epoch stage 2 on stage 1's proxy, each in a process of its own, writing under OUT/results/), the
-subset of the images that travels to a lent machine, the projection of the plan (`project`) and OUT/check.json and
-check.md (docs/speed.md explains them). About 5 minutes on one H100 or H200: an estimate, not yet timed on one.
+This module owns the check: its runs (RUNS, each in a process of its own, writing under OUT/results/), the subset
+of the images that travels to a lent machine, the projection (`project`), OUT/check.json and check.md (docs/speed.md
+explains them). About 5 minutes on one H100 or H200: an estimate, not yet timed on one.
 
 On a GPU machine lent through the project's device tool (no internet, no Optuna, at most 64 MiB carried, tree
 included), bring Optuna's wheels and the check's subset of the images in .devdata/ (which git ignores):
@@ -40,9 +39,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from cli import DEVICE_HELP, OneLineParser, clock  # noqa: E402
-from data import DataError, load_cifar10  # noqa: E402
+from data import FOLDER, TEST_FILE, TRAIN_FILES, DataError, load_cifar10, split_indices  # noqa: E402
 from tools.bench import PRECISION, config_name, device_name, open_device, seed_config  # noqa: E402
 from train import resolve_amp  # noqa: E402
 
@@ -79,10 +79,7 @@ def make_check_data(src: str, dest: str) -> dict:
     """The check's copy of ../shared/data/cifar10-jpeg.npz, in its format: the JPEGs of stage 1's proxy, of the
     validation split (both as the stages draw them) and of the test set, and a black image in every other training
     slot, which no run of the check reads; compressed, the black ones cost next to nothing."""
-    import torch
     from PIL import Image
-
-    from data import split_indices
 
     arrays = _load(src)
     if not {"train_jpeg", "train_offsets", "train_labels", "test_jpeg"} <= set(arrays):
@@ -103,8 +100,6 @@ def rebuild_check_data(npz: str, data_dir: str):
     its pickles' protocol 2 stores bytes through a call that data.py's loader refuses to make."""
     from PIL import Image
 
-    from data import FOLDER, TEST_FILE, TRAIN_FILES
-
     if os.path.exists(folder := os.path.join(data_dir, FOLDER)):  # someone's CIFAR-10, or an earlier rebuild's
         fail(f"--data-dir {data_dir} already holds {FOLDER}/: give --data-npz a new folder")
     arrays = _load(npz)
@@ -117,18 +112,6 @@ def rebuild_check_data(npz: str, data_dir: str):
             part = slice(k * 10000, (k + 1) * 10000)
             with open(os.path.join(folder, name), "wb") as f:
                 pickle.dump({"data": images[part], "labels": labels[part].tolist()}, f, protocol=4)
-
-
-def run(name: str, cmd: list, log_path: str) -> dict:
-    """One of the project's scripts, its output kept in log_path; its last line is shown, and the error if it failed."""
-    print(f"== {name}: python {' '.join(cmd[1:])}", flush=True)
-    t0 = time.monotonic()
-    with open(log_path, "w+") as log:
-        ok = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode == 0
-        log.seek(0)
-        last = ([line.strip() for line in log if line.strip()] or ["no output"])[-1]
-    print(f"   {'done' if ok else 'FAILED'} in {clock(time.monotonic() - t0, precise=True)}: {last}", flush=True)
-    return {"ok": ok, "wall_s": time.monotonic() - t0, **({} if ok else {"error": last})}
 
 
 def run_figures(history: list, batch_size: int) -> dict:
@@ -162,8 +145,6 @@ def stage1_figures(results: str) -> dict:
 
 def stage2_figures(results: str) -> dict:
     """Each model's epochs (the history in its last.pt) and test accuracy (test_metrics.json)."""
-    import torch
-
     models = []
     for path in sorted(glob.glob(os.path.join(results, "stage2", "*", "last.pt"))):
         state, tested = torch.load(path, weights_only=True), os.path.join(os.path.dirname(path), "test_metrics.json")
@@ -173,63 +154,53 @@ def stage2_figures(results: str) -> dict:
     return {"models": models}
 
 
-def stage_costs(grid: dict, stage1: dict, stage2: dict, agg) -> dict:
-    """What the plan costs besides the grid's figures, from the stages' runs (agg: max for the bound, mean for the
-    estimate): epoch_extra_s, an epoch's besides training, validation and checkpoint (pruner, TensorBoard);
-    trial_overhead_s, a trial's besides setup and epochs, with its warm-up beyond the grid's; stage1_one_off_s, the
-    stage's start, data and reports; model_fixed_s, a model's (two checkpoints an epoch, as run_s charges them)."""
-    rows = {config_name(r): r for r in grid.get("configs", [])}
-    zero = dict.fromkeys(("setup_s", "save_s", "test_s", "warmup_s"), 0.0)
-    costs = dict.fromkeys(("epoch_extra_s", "trial_overhead_s", "stage1_one_off_s", "model_fixed_s"), 0.0)
-    if trials := stage1.get("trials"):
-        row = [rows.get(config_name(t["config"]), zero) for t in trials]
-        costs["epoch_extra_s"] = agg([max(0.0, (t["train_time_s"] - t["epochs_s"]) / t["epochs_run"] - r["save_s"])
-                                      for t, r in zip(trials, row)])
-        costs["trial_overhead_s"] = agg([max(0.0, t["span_s"] - t["train_time_s"] - r["setup_s"])
-                                         + max(0.0, t["warmup_s"] - r["warmup_s"]) for t, r in zip(trials, row)])
-        costs["stage1_one_off_s"] = max(0.0, stage1["wall_s"] - sum(t["span_s"] for t in trials))
-    if models := stage2.get("models"):  # the stage ran this one model: all its time besides the epochs is the model's
-        m, r = models[0], rows.get(config_name(models[0]["config"]), zero)
-        rest = (stage2["wall_s"] - m["epochs_s"] - m["epochs_run"] * (2 * r["save_s"] + costs["epoch_extra_s"])
-                - r["setup_s"] - r["test_s"])
-        costs["model_fixed_s"] = max(0.0, rest) + max(0.0, m["warmup_s"] - r["warmup_s"])
-    return costs
-
-
 def run_s(row: dict, step_s: float, costs: dict, stage: int) -> float:
-    """A stage-1 trial or a stage-2 model (with its float32 test) of row's configuration at full length; each epoch
-    has a validation and a checkpoint, stage 2's two (last.pt and best.pt)."""
+    """A stage-1 trial or a stage-2 model (with its float32 test) of row's configuration at full length."""
     images, epochs, saves = ((PLAN["stage1_images"], PLAN["stage1_epochs"], 1) if stage == 1 else
-                             (PLAN["stage2_images"], PLAN["stage2_epochs"], 2))
+                             (PLAN["stage2_images"], PLAN["stage2_epochs"], 2))  # stage 2: last.pt and best.pt
     epoch = images // row["batch_size"] * step_s + row["val_s"] + saves * row["save_s"] + costs["epoch_extra_s"]
     once = costs["trial_overhead_s"] if stage == 1 else costs["model_fixed_s"] + row["test_s"]
     return once + row["setup_s"] + row["warmup_s"] + epochs * epoch
 
 
 def project(grid: dict, stage1: dict, stage2: dict) -> dict:
-    """The plan's wall time. "bound", an upper bound at the speeds measured: every trial and model at full length of
-    the costliest configuration (stage 2's is unknown before stage 1 ends), each step the slower of the grid's two
-    epochs', scaled up where the stages' own steps ran slower. "estimate": stage 1's trials evenly over the
-    configurations, stage 2's of the seed's, the grid's mean steps scaled by the stages' median ratio."""
+    """The plan's wall time: "bound", an upper bound at the speeds measured (every trial and model at full length of
+    the costliest configuration, each step the slower of the grid's two epochs', scaled up where the stages' own ran
+    slower), and "estimate" (stage 1 evenly over the configurations, stage 2 the seed's, the grid's mean steps scaled
+    by the stages' median ratio). Their costs besides the grid's, from the stages' runs (the max, or the mean):
+    epoch_extra_s (pruner, TensorBoard), trial_overhead_s (with the warm-up beyond the grid's), stage1_one_off_s (the
+    stage's start, data and reports) and model_fixed_s (all of stage 2's run but its epochs, setup and test)."""
     rows = {config_name(r): r for r in grid.get("configs", [])}
     if not rows:
         return {**PLAN, "note": "no projection: the grid of step times did not run"}
+    trials, models = stage1.get("trials", []), stage2.get("models", [])
     ratios = [run["step_s"] / statistics.mean(rows[config_name(run["config"])]["step_s"])  # the stages' over the grid's
-              for run in stage1.get("trials", []) + stage2.get("models", [])
-              if config_name(run["config"]) in rows and run["epochs_run"] > 1]
+              for run in trials + models if config_name(run["config"]) in rows and run["epochs_run"] > 1]
+    zero = dict.fromkeys(("setup_s", "save_s", "test_s", "warmup_s"), 0.0)
+    ran = [(t, rows.get(config_name(t["config"]), zero)) for t in trials]
+    extra = [max(0.0, (t["train_time_s"] - t["epochs_s"]) / t["epochs_run"] - r["save_s"]) for t, r in ran]
+    overhead = [max(0.0, t["span_s"] - t["train_time_s"] - r["setup_s"]) + max(0.0, t["warmup_s"] - r["warmup_s"])
+                for t, r in ran]
     plan = {**PLAN, "step_ratios": ratios, "upper_bound": "bound"}  # the one figure called an upper bound
     seed = config_name(seed_config().to_dict())
     for kind, agg, scale in (("bound", max, max([1.0, *ratios])),
                              ("estimate", statistics.mean, statistics.median(ratios or [1.0]))):
-        costs = stage_costs(grid, stage1, stage2, agg)
-        trials, models = ({name: run_s(r, scale * agg(r["step_s"]), costs, stage) for name, r in rows.items()}
-                          for stage in (1, 2))
+        costs = {"epoch_extra_s": agg(extra or [0.0]), "trial_overhead_s": agg(overhead or [0.0]),
+                 "stage1_one_off_s": max(0.0, stage1["wall_s"] - sum(t["span_s"] for t in trials)) if trials else 0.0,
+                 "model_fixed_s": 0.0}
+        if models:  # the stage ran this one model: all its time besides the epochs is the model's
+            m, r = models[0], rows.get(config_name(models[0]["config"]), zero)
+            rest = (stage2["wall_s"] - m["epochs_s"] - m["epochs_run"] * (2 * r["save_s"] + costs["epoch_extra_s"])
+                    - r["setup_s"] - r["test_s"])
+            costs["model_fixed_s"] = max(0.0, rest) + max(0.0, m["warmup_s"] - r["warmup_s"])
+        trial_times, model_times = ({name: run_s(r, scale * agg(r["step_s"]), costs, stage) for name, r in rows.items()}
+                                    for stage in (1, 2))
         which1 = which2 = f"the mean of the {len(rows)} configurations"
         if kind == "bound":
-            which1, which2 = (f"all of {max(times, key=times.get)}" for times in (trials, models))
-        elif seed in models:  # a smoke test's grid has no configuration of the seed's batch
-            models, which2 = {seed: models[seed]}, f"the seed's, {seed}"
-        trial_s, model_s = agg(trials.values()), agg(models.values())
+            which1, which2 = (f"all of {max(times, key=times.get)}" for times in (trial_times, model_times))
+        elif seed in model_times:  # a smoke test's grid has no configuration of the seed's batch
+            model_times, which2 = {seed: model_times[seed]}, f"the seed's, {seed}"
+        trial_s, model_s = agg(trial_times.values()), agg(model_times.values())
         stage1_s = costs["stage1_one_off_s"] + PLAN["stage1_trials"] * trial_s
         stage2_s = PLAN["stage2_models"] * model_s
         plan[kind] = {"stage1_s": stage1_s, "stage2_s": stage2_s, "total_s": stage1_s + stage2_s, "step_scale": scale,
@@ -248,8 +219,7 @@ def summary(check: dict) -> str:
         lines.append(f"- stage 2's {m['model']}: test accuracy {m['test_acc'] or 0:.2%} after {m['epochs_run']} "
                      f"epoch(s) on stage 1's proxy (chance: 10 %)")
     for kind, label in (("estimate", "estimate"), ("bound", "upper bound at the speeds measured here")):
-        if kind in plan:
-            k = plan[kind]
+        if k := plan.get(kind):
             lines.append(f"- the whole plan, {label}: **{clock(k['total_s'], precise=True)}**; stage 1 "
                          f"{clock(k['stage1_s'])} ({k['stage1_configs']}), stage 2 {clock(k['stage2_s'])} "
                          f"({k['stage2_configs']})")
@@ -305,9 +275,16 @@ def main(argv=None):
     for name, (script, flags, smoke_flags) in RUNS.items():
         own = (["--json", os.path.join(results, f"{name}.json")] if script.startswith("tools/") else
                ["--data-dir", os.path.abspath(args.data_dir), "--no-download", "--results", results])
-        check[name] = run(name, [sys.executable, script, *(smoke_flags if args.smoke else flags),
-                                 "--device", args.device, *own], os.path.join(results, "logs", f"{name}.log"))
-        if script.startswith("tools/") and check[name]["ok"]:
+        cmd = [script, *(smoke_flags if args.smoke else flags), "--device", args.device, *own]
+        print(f"== {name}: python {' '.join(cmd)}", flush=True)
+        t0 = time.monotonic()
+        with open(os.path.join(results, "logs", f"{name}.log"), "w+") as log:  # its output; the last line is shown
+            ok = subprocess.run([sys.executable, *cmd], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode == 0
+            log.seek(0)
+            last = ([line.strip() for line in log if line.strip()] or ["no output"])[-1]
+        print(f"   {'done' if ok else 'FAILED'} in {clock(time.monotonic() - t0, precise=True)}: {last}", flush=True)
+        check[name] = {"ok": ok, "wall_s": time.monotonic() - t0, **({} if ok else {"error": last})}
+        if script.startswith("tools/") and ok:
             check[name]["figures"] = _load(os.path.join(results, f"{name}.json"))
         check[name].update({"stage1": stage1_figures, "stage2": stage2_figures}.get(name, lambda _: {})(results))
         check["wall_s"] = time.monotonic() - started
