@@ -159,8 +159,7 @@ def _colour_op(img: torch.Tensor, op: int, neg: torch.Tensor, mags: tuple[float,
     """Op `op` (not geometric, not Identity) on a chunk of images; neg: long (n,), 1 where the magnitude is negated."""
     name = OP_NAMES[op]
     if op in _BLEND_OPS:
-        factors = _blend_factors(mags, img.device)[op - _BLEND_OPS.start].index_select(0, neg)
-        ratio, complement = factors[:, 0], factors[:, 1]
+        ratio, complement = _blend_factors(mags, img.device)[op - _BLEND_OPS.start].index_select(0, neg).unbind(1)
         if name == "Brightness":
             return _blend(img, None, ratio, complement)
         if name == "Color":
@@ -184,13 +183,11 @@ def _apply_ops(x: torch.Tensor, op_idx: torch.Tensor, negate: torch.Tensor, magn
     autoaugment._apply_op(x[i], name, +-magnitude, NEAREST, fill=None) for each i."""
     _, c, h, w = x.shape
     mags = _magnitudes(magnitude, h, w)
-    # Sorting by op id makes each op's samples one contiguous chunk. The sort and the chunk bounds are worked out
-    # where op_idx lives: on the host (how rand_augment draws it) they cost the device nothing, not even a sync.
-    # The geometric ops (ids 1..5) share one chunk. A stable sort, so that the order is the same on every device.
+    # Sorting by op id (stably: the same order on every device) makes each op's samples one contiguous chunk. Sort
+    # and bounds are worked out where op_idx lives: on the host (how rand_augment draws it) they cost no device sync.
     order = torch.sort(op_idx, stable=True).indices
     bounds = [0, *torch.bincount(op_idx, minlength=len(OP_NAMES)).cumsum(0).tolist()]
-    ops, neg = op_idx[order].to(x.device, non_blocking=True), negate[order].long().to(x.device, non_blocking=True)
-    order = order.to(x.device, non_blocking=True)
+    ops, neg, order = (t.to(x.device, non_blocking=True) for t in (op_idx[order], negate[order].long(), order))
     xs = x.index_select(0, order)  # index_select and not x[order]: it is ~10x faster on CPU
     start, end = bounds[_GEOMETRIC.start], bounds[_GEOMETRIC.stop]
     if end > start:  # nearest-neighbour resampling of each image by its op's and sign's map: one gather
@@ -211,18 +208,16 @@ def rand_augment(x: torch.Tensor, host_generator: torch.Generator | None = None,
     except that each image draws its own ops (uniform over the 14, with replacement) and signs, from
     host_generator (a CPU generator) whatever the batch's device."""
     _check_batch(x)
-    shape = (num_ops, x.shape[0])
-    op_idx = torch.randint(len(OP_NAMES), shape, generator=host_generator)
-    negate = torch.randint(2, shape, generator=host_generator)
-    for k in range(num_ops):
-        x = _apply_ops(x, op_idx[k], negate[k], magnitude)
+    op_idx = torch.randint(len(OP_NAMES), (num_ops, len(x)), generator=host_generator)
+    negate = torch.randint(2, (num_ops, len(x)), generator=host_generator)
+    for ops, signs in zip(op_idx, negate):
+        x = _apply_ops(x, ops, signs, magnitude)
     return x
 
 
 @lru_cache(maxsize=None)
 def _normalize_coefficients(device: torch.device) -> torch.Tensor:
-    mean = torch.tensor(CIFAR10_MEAN, dtype=torch.float32, device=device).view(-1, 1, 1)
-    std = torch.tensor(CIFAR10_STD, dtype=torch.float32, device=device).view(-1, 1, 1)
+    mean, std = torch.tensor([CIFAR10_MEAN, CIFAR10_STD], dtype=torch.float32, device=device).view(2, -1, 1, 1)
     return torch.stack([1.0 / (255.0 * std), -mean / std])
 
 

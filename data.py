@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from augment import ERASE_AREA, ERASE_ASPECT, eval_transform, train_transform
+from augment import eval_transform, train_transform
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -27,8 +27,6 @@ TEST_FILE = "test_batch"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 VAL_PER_CLASS = 500  # 5,000 validation images, 500 of each class
 AUGMENT_CHUNK = 1024  # training images augmented per call (see DeviceLoader.__iter__)
-# The seed's RandAugment (torchvision's defaults): TrainConfig's defaults are these same constants.
-RANDAUG_OPS, RANDAUG_MAGNITUDE = 2, 9
 
 
 class DataError(RuntimeError):
@@ -215,24 +213,20 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float 
 
 
 class DeviceLoader:
-    """Batches from device-resident uint8 tensors: shuffled and augmented per sample for training,
-    only normalised for evaluation. Training drops the last partial batch; evaluation keeps all."""
+    """Batches from device-resident uint8 tensors: shuffled and augmented per sample for training (settings:
+    train_transform's; without augment only normalised, for sanity runs), only normalised for evaluation. Training
+    drops the last partial batch; evaluation keeps all. generator (on the images' device) shuffles, crops and flips,
+    host_generator (CPU) draws RandAugment's ops; None: torch's global RNGs. A run's own pair keeps its batches its
+    own, whatever runs beside it."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool, augment: bool = True,
-                 randaug_ops: int = RANDAUG_OPS, randaug_magnitude: int = RANDAUG_MAGNITUDE, erase_prob: float = 0.0,
-                 erase_area: tuple[float, float] = ERASE_AREA, erase_aspect: tuple[float, float] = ERASE_ASPECT,
-                 generator: torch.Generator | None = None, host_generator: torch.Generator | None = None):
-        """generator (on the images' device) shuffles, crops and flips; host_generator (CPU) draws RandAugment's
-        ops. None: torch's global RNGs. A run's own pair keeps its batches its own, whatever runs beside it."""
+                 generator: torch.Generator | None = None, host_generator: torch.Generator | None = None, **settings):
         if train and len(images) < batch_size:
             raise ValueError(f"{len(images)} training images are fewer than one batch of {batch_size}")
         self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
         self.generator = generator
-        self.transform = eval_transform  # what training batches get without augmentation (sanity runs)
-        if train and augment:
-            self.transform = partial(train_transform, generator=generator, host_generator=host_generator,
-                                     num_ops=randaug_ops, magnitude=randaug_magnitude, erase_prob=erase_prob,
-                                     erase_area=erase_area, erase_aspect=erase_aspect)
+        augmented = partial(train_transform, generator=generator, host_generator=host_generator, **settings)
+        self.transform = augmented if train and augment else eval_transform
 
     def __len__(self):
         return len(self.images) // self.batch_size if self.train else -(-len(self.images) // self.batch_size)

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from augment import MAGNITUDE_BINS
-from data import RANDAUG_MAGNITUDE, RANDAUG_OPS, DeviceLoader, loss_fn, mix_batch
+from data import DeviceLoader, loss_fn, mix_batch
 from vit import ViT, ViTConfig
 
 
@@ -55,8 +55,8 @@ class TrainConfig:
     warmup_epochs: int = 2  # linear warmup: +5.8 points at the proxy budget, the one change that paid
     grad_clip: float = 1.0  # max global gradient norm (the seed's; 0 was better at 10 epochs only)
     augment: bool = True  # crop and flip (and RandAugment if randaug_ops > 0); off only for quick sanity runs
-    randaug_ops: int = RANDAUG_OPS  # RandAugment ops per image (the seed's, torchvision's default); 0: off
-    randaug_magnitude: int = RANDAUG_MAGNITUDE  # RandAugment strength, of 31 bins (the seed's, torchvision's default)
+    randaug_ops: int = 2  # RandAugment ops per image (the seed's, torchvision's default); 0: off
+    randaug_magnitude: int = 9  # RandAugment strength, of 31 bins (the seed's, torchvision's default)
     batch_size: int = 128
     mixup_alpha: float = 0.0  # 0 turns mixup off
     # Regularisers for long schedules (docs/recipe.md): off by default, since at 10-30 epochs none of them paid.
@@ -398,9 +398,9 @@ class Trainer:
             keep_freed_memory()
         self.random = RunRandom(cfg.seed, device)
         self.train_loader = DeviceLoader(
-            train_images, train_labels, cfg.batch_size, train=True, augment=cfg.augment, randaug_ops=cfg.randaug_ops,
-            randaug_magnitude=cfg.randaug_magnitude, erase_prob=cfg.erase_prob, erase_area=cfg.erase_area,
-            erase_aspect=cfg.erase_aspect, generator=self.random.device, host_generator=self.random.host)
+            train_images, train_labels, cfg.batch_size, train=True, augment=cfg.augment, generator=self.random.device,
+            host_generator=self.random.host, num_ops=cfg.randaug_ops, magnitude=cfg.randaug_magnitude,
+            erase_prob=cfg.erase_prob, erase_area=cfg.erase_area, erase_aspect=cfg.erase_aspect)
         model = ViT(cfg.vit_config())
         # A generator of the init's own, on the CPU (then moved): the same init on every device, and one that
         # no other draw depends on, so that e.g. the model's size never shifts the augmentation's stream.
@@ -412,7 +412,7 @@ class Trainer:
         if compile != "off":
             # A new shape (each stage-1 trial) recompiles; past torch's recompile limit it would silently
             # run eager. Each Trainer starts from a clean cache instead: it then compiles exactly once.
-            torch._dynamo.reset()
+            torch.compiler.reset()
         self.step_model = self.model if compile == "off" else torch.compile(self.model, mode=compile)
         self.optimizer = make_optimizer(self.model, cfg, fused=fused)
         self.micro_batch = cfg.batch_size if device.type != "cpu" else cpu_micro_batch(cfg)

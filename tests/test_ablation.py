@@ -58,7 +58,7 @@ def test_the_defaults_are_the_seeds_recipe_everywhere():
     # configs/seed_recipe.json (the 120-epoch run's), the flags' help and the README all say the same.
     import inspect
 
-    from data import DeviceLoader
+    from augment import train_transform
 
     root = os.path.join(os.path.dirname(__file__), "..")
     recipe = set(ablation.PLAIN) - set(ablation.SEED_BEST)
@@ -66,8 +66,8 @@ def test_the_defaults_are_the_seeds_recipe_everywhere():
     assert recipe and {k: getattr(default, k) for k in recipe} == {k: ablation.CHOSEN[k] for k in recipe}
     assert (default.drop_path, default.grad_clip, default.warmup_epochs, default.randaug_ops,
             default.randaug_magnitude) == (0.1, 1.0, 2, 2, 9)  # the seed's
-    loader = inspect.signature(DeviceLoader).parameters
-    assert (loader["randaug_ops"].default, loader["randaug_magnitude"].default) == (2, 9)
+    transform = inspect.signature(train_transform).parameters  # what a DeviceLoader given no settings does
+    assert (transform["num_ops"].default, transform["magnitude"].default) == (2, 9)
     for name in ("seed_best.json", "seed_recipe.json"):
         with open(os.path.join(root, "configs", name)) as f:
             shipped = json.load(f)
