@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from checkpoint import load_checkpoint, load_into
+from checkpoint import load_into
 from cli import (OneLineParser, StorageError, StoppedForTime, add_common_flags, add_worker_flags, check_stop,
                  check_writable, closest, nothing_fits, positive, raise_for, resolve_device, run_main, stop_handlers,
                  stop_requested, storage_url)
@@ -232,29 +232,24 @@ def train_and_test(trial: optuna.Trial, storage, args, splits, ds, device, out_d
 
 
 def _row(attrs: dict) -> dict:
-    return {"model": attrs["model"], "source": attrs["source"], "config": attrs["config"],
-            "stage1_val_acc": attrs["stage1_val_acc"], "max_epochs": attrs["config"]["epochs"]}
+    return {**{k: attrs[k] for k in MODEL_ATTRS}, "max_epochs": attrs["config"]["epochs"]}
 
 
-def rows_of(study: optuna.Study | None, candidates: list, out_dir: str) -> list:
-    """Each model's report row: its trial's, once tested, or how far its last.pt has got."""
-    rows, trials = [], study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if study else ()
+def rows_of(study: optuna.Study | None, candidates: list) -> list:
+    """Each model's report row: its trial's, once tested, or how far its trials got (their reported epochs)."""
+    rows, trials = [], study.get_trials(deepcopy=False) if study else ()
     for c in candidates:
-        done = [t for t in trials if t.user_attrs.get("model") == c.name]
+        mine = [t for t in trials if t.user_attrs.get("model") == c.name]
+        done = [t for t in mine if t.state == TrialState.COMPLETE]
         if done:
             rows.append(done[-1].user_attrs["row"])
             continue
-        last, epochs, planned = os.path.join(out_dir, c.name, "last.pt"), 0, c.config.epochs
-        if os.path.isfile(last):
-            try:  # the run's own schedule, which --report-only's flags need not repeat
-                state = load_checkpoint(last)
-                epochs, planned = state["epoch"], state["config"].get("epochs", planned)
-            except DataError:
-                pass  # said when a worker meets it
-        rows.append({**_row({"model": c.name, "source": c.source, "config": c.config.to_dict(),
-                             "stage1_val_acc": c.stage1_val_acc}), "epochs_run": epochs, "stopped_early": False,
-                     "failure": "", "max_epochs": planned,
-                     "unfinished": f"not finished yet ({epochs} of {epochs_phrase(planned)} in last.pt)"})
+        # Its trial's own schedule, which --report-only's flags need not repeat.
+        row = _row(mine[-1].user_attrs if mine else {"model": c.name, "config": c.config.to_dict(),
+                                                     "source": c.source, "stage1_val_acc": c.stage1_val_acc})
+        epochs = max((max(t.intermediate_values, default=0) for t in mine), default=0)
+        rows.append({**row, "epochs_run": epochs, "stopped_early": False, "failure": "",
+                     "unfinished": f"not finished yet ({epochs} of {epochs_phrase(row['max_epochs'])} so far)"})
     return rows
 
 
@@ -341,7 +336,7 @@ def run(args, ds=None, worker: Worker | None = None) -> list:
     except Exception as e:  # RDB storages may connect lazily: a server that went away fails here
         raise storage_error(url, e) from None
     if args.report_only:
-        rows = rows_of(study, candidates, out_dir)
+        rows = rows_of(study, candidates)
         write_stage2_report(rows, out_dir, args.subset, args.patience)
         tqdm.write(f"report of {len(rows)} model(s), {sum('unfinished' not in r for r in rows)} of them finished, "
                    f"in {os.path.join(out_dir, 'report.md')}")
@@ -361,15 +356,13 @@ def run(args, ds=None, worker: Worker | None = None) -> list:
                         [lambda s, t: None if waiting() and stop_requested() is None else s.stop()], keep=MODEL_ATTRS)
     raise_for(stop, w.stopped or StoppedForTime("stopped for the time limit; each model's last.pt holds its last "
                                                 "finished epoch"), kept="every model's last.pt is kept")
-    rows = rows_of(study, candidates, out_dir)
+    rows = rows_of(study, candidates)
     unfinished = [r["model"] for r in rows if "unfinished" in r]
-    if w.index:
-        pass  # the parent reports for its workers
-    elif unfinished:
+    if unfinished and not w.index:  # a --jobs worker leaves it to its parent
         tqdm.write(f"stage 2: {', '.join(unfinished)} not finished yet: other workers are on them (if one has died, "
                    f"its model is retried once its heartbeat is 2 intervals old); the last worker to finish writes "
                    f"report.md, or run with --report-only")
-    else:
+    elif not w.index:
         write_stage2_report(rows, out_dir, args.subset, args.patience)
         tqdm.write(f"done: report in {os.path.join(out_dir, 'report.md')}")
     return rows

@@ -271,7 +271,7 @@ def train_trial(trial: optuna.Trial, trainer, worker: Worker, storage, run_dir: 
     """Fit `trainer` as `trial`, within the worker's deadline. Optuna gets the curve so far (a resumed run's) and
     each epoch's val_acc (the pruner's input, optuna-dashboard's curve); after each epoch come last.pt (and
     best.pt at `best` on a better epoch), TensorBoard's curves, the history in the trial's user attributes (the
-    stage-1 report's curves), a log line, then `then(trainer, record)`."""
+    stage-1 report's curves), the report, a log line, then `then(trainer, record)`."""
     trial.set_user_attr("host", socket.gethostname())  # who runs it, for the log line of its retry
     trial.set_user_attr("pid", os.getpid())
     for record in trainer.history:
@@ -285,8 +285,8 @@ def train_trial(trial: optuna.Trial, trainer, worker: Worker, storage, run_dir: 
         save_checkpoint(t.state_dict(), os.path.join(run_dir, "last.pt"))
         tensorboard(t, record)
         through_a_restart(storage, trial.set_user_attr, "history", t.history)
-        tqdm.write(epoch_line(name, record, t.history, t.cfg.epochs))
         through_a_restart(storage, trial.report, record["val_acc"], record["epoch"])
+        tqdm.write(epoch_line(name, record, t.history, t.cfg.epochs))  # after the study has the epoch
         if then is not None:
             then(t, record)
 

@@ -248,7 +248,7 @@ def test_report_only_on_an_unfinished_model_says_how_far_it_got_in_its_own_sched
         stage2_final.main([*common, "--epochs", "3", "--time-limit", "0.01"], ds=ds)
     stage2_final.main([*common, "--report-only"], ds=ds)  # without --epochs: the default 120
     report = (tmp_path / "stage2" / "report.md").read_text()
-    assert "not finished yet (1 of 3 epochs in last.pt)" in report and "1 of 3" in report
+    assert "not finished yet (1 of 3 epochs so far)" in report and "1 of 3" in report
     assert "none is tested yet" in report and "0 test images" not in report
     assert "curves.png" not in report  # the model has none yet: no broken link
 
