@@ -27,7 +27,7 @@ from cli import (OneLineParser, StoppedForTime, add_common_flags, add_worker_fla
                  nothing_fits, positive, raise_for, resolve_device, run_main, stop_handlers, stop_requested,
                  storage_url)
 from data import DataError, find_cifar10, load_cifar10, train_val_splits
-from reports import code_version, log_hparams, top_file, write_json, write_stage1_reports
+from reports import code_version, completed_by_value, log_hparams, top_file, write_json, write_stage1_reports
 from storage import (Worker, open_storage, optimize, redact_url, run_workers, storage_error, storage_lost_in_one_line,
                      through_a_restart, train_trial)
 from train import AMP_HELP, AMP_MODES, Diverged, TrainConfig, Trainer, add_recipe_flags, recipe_overrides, warmup_note
@@ -76,9 +76,8 @@ def finished_count(study: optuna.Study) -> int:
 
 
 def best_so_far(study: optuna.Study) -> str:
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    best = max(done, key=lambda t: t.value, default=None)
-    return f", best val acc {100 * best.value:.2f} % (trial {best.number})" if best else ""
+    best = completed_by_value(study)[:1]
+    return f", best val acc {100 * best[0].value:.2f} % (trial {best[0].number})" if best else ""
 
 
 # ----------------------------------------------------------------------------- one trial
@@ -285,7 +284,6 @@ def _end(study, args, out_dir: str, total: int, stop: str | None, who: str):
 
 
 def _run_main(args, splits=None, argv=None, worker: Worker | None = None) -> int:
-    """run(), with the project's errors as one line on stderr; returns the exit code."""
     url = storage_url(args.storage, args.results)
     # A --jobs worker prints only its reason; its parent gives the command that continues, once.
     return run_main(lambda: storage_lost_in_one_line(url, lambda: run(args, splits, worker)),

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import optuna
 from optuna.trial import TrialState
@@ -48,14 +48,6 @@ LIVE = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)  # a model'
 # ----------------------------------------------------------------------------- the models to train
 
 
-@dataclass
-class Candidate:
-    name: str  # its folder under results/stage2/, e.g. trial_0012 or config_0
-    config: TrainConfig  # stage 1's configuration with stage 2's schedule and recipe
-    source: str  # where the configuration came from, in words, for config.json and the report
-    stage1_val_acc: float | None = None
-
-
 def stage2_config(d: dict, args, from_study: bool = False) -> TrainConfig:
     """d with stage 2's schedule and recipe: recipe flags win over everything; then, for a stage-1 trial,
     LONG_RECIPE over the 20-epoch proxy's (chosen for ranking, not for 120 epochs); for a --config file's
@@ -63,6 +55,13 @@ def stage2_config(d: dict, args, from_study: bool = False) -> TrainConfig:
     recipe = {**d, **LONG_RECIPE} if from_study else {**LONG_RECIPE, **d}
     return TrainConfig.from_dict({**recipe, **recipe_overrides(vars(args)), "epochs": args.epochs,
                                   "patience": args.patience, "subset_ratio": args.subset})
+
+
+def model(name: str, config: TrainConfig, source: str, stage1_val_acc: float | None = None) -> dict:
+    """A model to train as its stage-2 trial holds it (user attributes MODEL_ATTRS): its folder under
+    results/stage2/ (trial_0012, config_0), its configuration, where that came from (in words) and its stage-1
+    validation accuracy."""
+    return {"model": name, "config": config.to_dict(), "source": source, "stage1_val_acc": stage1_val_acc}
 
 
 def candidates_from_study(args, storage, url: str) -> list:
@@ -96,9 +95,9 @@ def candidates_from_study(args, storage, url: str) -> list:
             tqdm.write(f"note: {where} has only {len(chosen)} completed trial(s); retraining those instead of "
                        f"the top {args.top_k}")
     # params win over the stored config: they are what Optuna proposed, and every key is a TrainConfig field.
-    return [Candidate(f"trial_{t.number:04d}", stage2_config({**t.user_attrs.get("config", {}), **t.params}, args,
-                                                             from_study=True), f"stage-1 trial {t.number} of {where}",
-                      t.value) for t in chosen]
+    return [model(f"trial_{t.number:04d}", stage2_config({**t.user_attrs.get("config", {}), **t.params}, args,
+                                                         from_study=True), f"stage-1 trial {t.number} of {where}",
+                  t.value) for t in chosen]
 
 
 def candidates_from_file(path: str, args) -> list:
@@ -137,9 +136,9 @@ def candidates_from_file(path: str, args) -> list:
         except (TypeError, ValueError) as e:
             raise DataError(f"--config {path}, configuration {i}: {e}") from None
         name = f"trial_{number:04d}" if isinstance(number, int) else f"config_{i}"
-        name = name if name not in {c.name for c in candidates} else f"config_{i}"
+        name = name if name not in {c["model"] for c in candidates} else f"config_{i}"
         origin = f" (stage-1 trial {number})" if isinstance(number, int) else ""
-        candidates.append(Candidate(name, cfg, f"configuration {i} of {path}{origin}", val_acc))
+        candidates.append(model(name, cfg, f"configuration {i} of {path}{origin}", val_acc))
     return candidates
 
 
@@ -147,16 +146,15 @@ def queue_models(study: optuna.Study, candidates: list):
     """Enqueue each model that no trial of the study has in hand (waiting, running) or done with its configuration."""
     trials = study.get_trials(deepcopy=False)  # one read: each candidate's trials are its own
     for c in candidates:
-        mine = [t for t in trials if t.user_attrs.get("model") == c.name]
+        mine = [t for t in trials if t.user_attrs.get("model") == c["model"]]
         done = [t for t in mine if t.state == TrialState.COMPLETE]
-        if done and done[-1].user_attrs["config"] != c.config.to_dict():
-            raise DataError(f"{c.name} was trained with another configuration than {c.source}; pass --fresh to "
-                            f"start it over, or --results to write elsewhere")
+        if done and done[-1].user_attrs["config"] != c["config"]:
+            raise DataError(f"{c['model']} was trained with another configuration than {c['source']}; pass --fresh "
+                            f"to start it over, or --results to write elsewhere")
         if done:
-            tqdm.write(f"{c.name}: already trained and tested (--fresh trains it again)")
+            tqdm.write(f"{c['model']}: already trained and tested (--fresh trains it again)")
         elif not any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in mine):
-            study.enqueue_trial({}, user_attrs={"model": c.name, "config": c.config.to_dict(), "source": c.source,
-                                                "stage1_val_acc": c.stage1_val_acc})
+            study.enqueue_trial({}, user_attrs=c)
 
 
 # ----------------------------------------------------------------------------- training and testing one model
@@ -239,14 +237,12 @@ def rows_of(study: optuna.Study | None, candidates: list) -> list:
     """Each model's report row: its trial's, once tested, or how far its trials got (their reported epochs)."""
     rows, trials = [], study.get_trials(deepcopy=False) if study else ()
     for c in candidates:
-        mine = [t for t in trials if t.user_attrs.get("model") == c.name]
+        mine = [t for t in trials if t.user_attrs.get("model") == c["model"]]
         done = [t for t in mine if t.state == TrialState.COMPLETE]
         if done:
             rows.append(done[-1].user_attrs["row"])
             continue
-        # Its trial's own schedule, which --report-only's flags need not repeat.
-        row = _row(mine[-1].user_attrs if mine else {"model": c.name, "config": c.config.to_dict(),
-                                                     "source": c.source, "stage1_val_acc": c.stage1_val_acc})
+        row = _row(mine[-1].user_attrs if mine else c)  # its trial's own schedule: --report-only's flags need not say
         epochs = max((max(t.intermediate_values, default=0) for t in mine), default=0)
         rows.append({**row, "epochs_run": epochs, "stopped_early": False, "failure": "",
                      "unfinished": f"not finished yet ({epochs} of {epochs_phrase(row['max_epochs'])} so far)"})
@@ -344,7 +340,7 @@ def run(args, ds=None, worker: Worker | None = None) -> list:
     if not w.index:
         study.set_metric_names(["val_acc"])
         queue_models(study, candidates)
-        tqdm.write(f"stage 2: {len(candidates)} model(s): {', '.join(c.name for c in candidates)}")
+        tqdm.write(f"stage 2: {len(candidates)} model(s): {', '.join(c['model'] for c in candidates)}")
     waiting = lambda: study.get_trials(deepcopy=False, states=(TrialState.WAITING,))  # noqa: E731
     optuna.storages.fail_stale_trials(study)  # a model whose worker stopped beating: queued again now
     stop = None

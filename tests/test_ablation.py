@@ -98,15 +98,15 @@ def test_stage_2_defaults_to_the_long_recipe_its_run_measured(capsys):
         evidence = json.load(f)["config"]
     path = os.path.join(root, "configs", "long_recipe.json")
     (c,) = stage2_final.candidates_from_file(path, stage2_final.parse_args(["--config", path]))
-    assert c.config.to_dict() == evidence  # the file rebuilds the run's configuration field for field
+    assert c["config"] == evidence  # the file rebuilds the run's configuration field for field
     best = os.path.join(root, "configs", "seed_best.json")
     shape_only = {k: v for k, v in json.load(open(best)).items() if k not in LONG_RECIPE}
     args = stage2_final.parse_args([])
     assert stage2_final.stage2_config(shape_only, args).to_dict() == evidence  # a file's missing keys: the long recipe
     proxy = ablation.TrainConfig(**shape_only).to_dict()  # a stage-1 trial: the seed's recipe, on the proxy
     assert stage2_final.stage2_config(proxy, args, from_study=True).to_dict() == evidence
-    seed = stage2_final.candidates_from_file(best, stage2_final.parse_args(["--config", best]))[0].config
-    assert (seed.cutmix_alpha, seed.weight_decay, seed.warmup_epochs) == (0.0, 0.01, 2)  # its own keys win
+    seed = stage2_final.candidates_from_file(best, stage2_final.parse_args(["--config", best]))[0]["config"]
+    assert (seed["cutmix_alpha"], seed["weight_decay"], seed["warmup_epochs"]) == (0.0, 0.01, 2)  # its own keys win
     flagged = stage2_final.stage2_config(proxy, stage2_final.parse_args(["--erase-prob", "0"]), from_study=True)
     assert flagged.erase_prob == 0.0 and flagged.cutmix_alpha == 1.0
     with pytest.raises(SystemExit):
@@ -129,5 +129,5 @@ def test_the_seed_recipe_config_is_the_long_runs_command():
     flags = ["--config", best, "--randaug-ops", "2", "--drop-path", "0.1", "--grad-clip", "1"]
     from_flags = stage2_final.candidates_from_file(best, stage2_final.parse_args(flags))
     # (fields added since, e.g. cutmix_alpha, take their defaults: off, as that run had them)
-    assert from_file[0].config.to_dict() == from_flags[0].config.to_dict() == with_defaults(evidence)
+    assert from_file[0]["config"] == from_flags[0]["config"] == with_defaults(evidence)
     assert evidence["randaug_ops"] == 2 and evidence["epochs"] == 120  # not two copies of the chosen recipe

@@ -306,10 +306,10 @@ def test_trials_are_picked_by_number(tmp_path, capsys):
                           (TrialState.PRUNED, None, 2e-3)])
     url = f"sqlite:///{tmp_path}/stage1.db"
     picked = stage2_final.candidates_from_study(args_for(tmp_path, "--trials", "2", "0", "2"), open_storage(url), url)
-    assert [c.name for c in picked] == ["trial_0002", "trial_0000"] and picked[0].config.lr == 2e-3
+    assert [c["model"] for c in picked] == ["trial_0002", "trial_0000"] and picked[0]["config"]["lr"] == 2e-3
     assert "trial 2 is PRUNED" in capsys.readouterr().out
     top = stage2_final.candidates_from_study(args_for(tmp_path, "--top-k", "1"), open_storage(url), url)
-    assert [c.name for c in top] == ["trial_0001"] and top[0].stage1_val_acc == 0.6
+    assert [c["model"] for c in top] == ["trial_0001"] and top[0]["stage1_val_acc"] == 0.6
 
 
 @pytest.mark.parametrize("content,message", [
