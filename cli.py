@@ -48,8 +48,7 @@ def duration(text: str) -> float:
     match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip().lower())
     if match is None or not any(match.groups()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use e.g. 2h40m, 90m, 45s or plain seconds")
-    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-    total = 3600 * hours + 60 * minutes + seconds
+    total = sum(float(g or 0) * unit for g, unit in zip(match.groups(), (3600, 60, 1)))
     if total <= 0:
         raise argparse.ArgumentTypeError(f"a time limit must be more than 0, got {text!r}")
     return total
@@ -74,13 +73,12 @@ def add_worker_flags(parser: argparse.ArgumentParser, what: str):
 def clock(seconds: float, precise: bool = False) -> str:
     """A duration for an ETA: '2 h 05 min', or '7 min' under an hour; precise (a measured step's wall
     time): '7 min 05 s' under an hour and '45 s' under a minute."""
-    if precise:
-        seconds = round(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:02.0f} min"
+    minutes, secs = divmod(round(seconds) if precise else seconds, 60)
+    if minutes >= 60:
+        return f"{minutes // 60:.0f} h {minutes % 60:02.0f} min"
     if not precise:
         return f"{seconds / 60:.0f} min"
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)"
@@ -245,8 +243,7 @@ def check_writable(folder: str):
     """Fail now, in one line, rather than after the first epoch of the first trial."""
     try:
         os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise ResultsError(f"cannot write results to {folder!r}: {e.strerror or e}") from None
 

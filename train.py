@@ -111,25 +111,22 @@ def with_defaults(config: dict) -> dict:
 
 
 # The recipe around the searched dimensions: one flag each, so that any choice can be switched off.
-RECIPE_FLAGS = {
-    "label_smoothing": (float, "label smoothing of the training targets; 0 turns it off"),
-    "warmup_epochs": (int, "epochs of linear learning-rate warmup; 0 turns it off"),
-    "weight_decay": (float, "AdamW's decoupled weight decay (SGD: a tenth of it, coupled); 0 turns it off"),
-    "drop_path": (float, "stochastic depth rate of the last block; 0 turns it off"),
-    "grad_clip": (float, "max global gradient norm; 0 turns clipping off"),
-    "sgd_lr_scale": (float, "SGD's learning rate is the configured lr times this; 1 turns it off"),
-    "pool": (str, "what the head classifies: cls (the class token) or mean (the average of the patch tokens)"),
-    "randaug_ops": (int, "RandAugment ops per training image; 0 turns RandAugment off (crop and flip stay)"),
-    "randaug_magnitude": (int, f"RandAugment magnitude, 0..{MAGNITUDE_BINS - 1} (torchvision's bins)"),
-    "cutmix_alpha": (float, "CutMix: Beta(alpha, alpha) draws the share of each mixed batch's images kept outside "
-                            "the pasted box; the targets are mixed by the area actually pasted; 0 turns it off"),
-    "mix_prob": (float, "share of the batches that Mixup or CutMix mixes, when either is on"),
-    "switch_prob": (float, "with both mixup (the search's mixup_alpha) and CutMix on: the share of mixed batches that "
-                           "use CutMix instead of Mixup"),
-    "erase_prob": (float, "random erasing (timm's, pixel mode): the share of training images given a box of "
-                          "noise; 0 turns it off"),
-    "erase_area": (float, "random erasing's box area, two shares of the image MIN MAX"),
-    "erase_aspect": (float, "random erasing's box height/width, two ratios MIN MAX (drawn log-uniformly)"),
+RECIPE_FLAGS = {  # each flag's type is its field's
+    "label_smoothing": "label smoothing of the training targets; 0 turns it off",
+    "warmup_epochs": "epochs of linear learning-rate warmup; 0 turns it off",
+    "weight_decay": "AdamW's decoupled weight decay (SGD: a tenth of it, coupled); 0 turns it off",
+    "drop_path": "stochastic depth rate of the last block; 0 turns it off",
+    "grad_clip": "max global gradient norm; 0 turns clipping off",
+    "sgd_lr_scale": "SGD's learning rate is the configured lr times this; 1 turns it off",
+    "pool": "what the head classifies: cls (the class token) or mean (the average of the patch tokens)",
+    "randaug_ops": "RandAugment ops per training image; 0 turns RandAugment off (crop and flip stay)",
+    "randaug_magnitude": f"RandAugment magnitude, 0..{MAGNITUDE_BINS - 1} (torchvision's bins)",
+    "cutmix_alpha": "CutMix's Beta(alpha, alpha), drawing the share of an image kept outside the pasted box; 0: off",
+    "mix_prob": "share of the batches that Mixup or CutMix mixes, when either is on",
+    "switch_prob": "with both mixup (the search's mixup_alpha) and CutMix on: the share of mixed batches using CutMix",
+    "erase_prob": "random erasing (timm's, pixel mode): share of training images given a box of noise; 0 turns it off",
+    "erase_area": "random erasing's box area, two shares of the image MIN MAX",
+    "erase_aspect": "random erasing's box height/width, two ratios MIN MAX (drawn log-uniformly)",
 }
 
 
@@ -145,18 +142,18 @@ def add_recipe_flags(parser, defaults: dict | None = None, title: str = "the see
     stage uses where no flag is given, over TrainConfig's (for --help)."""
     group = parser.add_argument_group(f"recipe (defaults: {title}; docs/recipe.md)")
     defaults = {**TrainConfig().to_dict(), **(defaults or {})}
-    for name, (kind, text) in RECIPE_FLAGS.items():
+    for name, text in RECIPE_FLAGS.items():
         default = defaults[name]
         pair = isinstance(default, (tuple, list))
+        kind = float if pair else type(getattr(TrainConfig, name))
         group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, nargs=2 if pair else None,
                            metavar=("MIN", "MAX") if pair else kind.__name__.upper(),
                            help=f"{text} (default: {' '.join(f'{v:.3g}' for v in default) if pair else default})")
 
 
 def recipe_overrides(flags: dict, error=None) -> dict:
-    """The recipe fields among a command line's values (vars(args)) that were given, as TrainConfig keyword
-    arguments. With error (parser.error), impossible values (--label-smoothing 1.5) end as its one-line usage
-    error, naming the flag at fault (each field's checks are its own: no other field's value can fail it)."""
+    """The recipe flags given in vars(args), as TrainConfig keyword arguments. With error (parser.error), an impossible
+    value (--label-smoothing 1.5) ends as its one-line usage error naming the flag (each field's checks are its own)."""
     overrides = {name: flags[name] for name in RECIPE_FLAGS if flags.get(name) is not None}
     if error is not None:
         for name, value in overrides.items():
@@ -260,11 +257,10 @@ def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
 
 def warmup_note(cfg: TrainConfig) -> str | None:
     """A line for the log when lr_factor shortens the warmup: it never takes more than a fifth of the schedule."""
-    if cfg.warmup_epochs * 5 <= cfg.epochs:
-        return None
-    return (f"note: a {cfg.warmup_epochs}-epoch warmup is more than a fifth of {cfg.epochs} epoch(s), so it is cut "
-            f"to the first fifth of the schedule's steps; nothing is wrong, and --warmup-epochs "
-            f"{f'{cfg.epochs // 5} (or 0)' if cfg.epochs >= 5 else 0} says so and silences this")
+    if cfg.warmup_epochs * 5 > cfg.epochs:
+        return (f"note: a {cfg.warmup_epochs}-epoch warmup is more than a fifth of {cfg.epochs} epoch(s), so it is "
+                f"cut to the first fifth of the schedule's steps; nothing is wrong, and --warmup-epochs "
+                f"{f'{cfg.epochs // 5} (or 0)' if cfg.epochs >= 5 else 0} says so and silences this")
 
 
 def keep_freed_memory() -> bool:
@@ -324,10 +320,9 @@ def strict_float32():
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, loader: DeviceLoader, return_preds: bool = False, tta: bool = False,
              amp_dtype: torch.dtype | None = None):
-    """Mean loss and accuracy over the loader (and predictions and class probabilities, if asked). tta adds
-    "tta_acc", from averaging each image's and its mirror's logits; all else stays the plain figure. amp_dtype
-    None (the test's): float32, TF32 off, so that the test depends on no precision shortcut; else an autocast
-    dtype (a GPU's per-epoch validation, in the training's precision: validation_amp)."""
+    """Mean loss and accuracy over the loader (and predictions and class probabilities, if asked); tta adds "tta_acc",
+    from each image's and its mirror's logits averaged. amp_dtype None (the test's): float32, TF32 off, so that the
+    test depends on no precision shortcut; else an autocast dtype (a GPU's per-epoch validation: validation_amp)."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -380,9 +375,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, train_images, train_labels, val_images, val_labels, device: torch.device,
                  amp: str = "auto", fused: bool | None = None, compile: str | bool = "off", progress: bool = True,
                  log_every_s: float = 30.0, stop_check=None):
-        # progress: a bar on a terminal; off one (a log, a pipe) a line every log_every_s seconds instead, so that a
-        # log shows the run is alive long before the epoch ends. stop_check(): called after every step, raises to stop
-        # there (cli.check_stop: Ctrl-C, SIGTERM).
+        # progress: a bar on a terminal; off one (a log, a pipe) a line every log_every_s seconds, so that a log shows
+        # the run alive long before the epoch ends. stop_check(): after every step, raises to stop (cli.check_stop).
         self.cfg, self.device, self.progress, self.log_every_s = cfg, device, progress, log_every_s
         self.stop_check = stop_check or (lambda: None)
         self.amp_dtype = resolve_amp(device, amp)
@@ -501,10 +495,9 @@ class Trainer:
         return self.epoch >= self.cfg.epochs or self.stopped_early
 
     def fit(self, on_epoch=None, deadline: float | None = None, epoch_estimate_s: float | None = None) -> list:
-        """Train until cfg.epochs or early stopping; on_epoch(trainer, record) runs after each epoch (stage 1 reports
-        to Optuna and may raise TrialPruned; stage 2 saves checkpoints). deadline (time.monotonic()): start no epoch
-        that would end after it, judged by the last epoch's wall time with on_epoch, before the first by
-        epoch_estimate_s or the history's last epoch (with neither, one epoch runs); `stopped_for_time` says so."""
+        """Train until cfg.epochs or early stopping; on_epoch(trainer, record) runs after each epoch. deadline
+        (time.monotonic()): start no epoch that would end after it, judged by the last epoch's wall time with on_epoch,
+        before the first by epoch_estimate_s or the history's last epoch (with neither, one epoch runs)."""
         self.stopped_for_time = False
         last_epoch_s = epoch_estimate_s
         if last_epoch_s is None and self.history:
