@@ -35,9 +35,9 @@ def small_args(tmp_path, *extra):
 
 
 def test_jobs_runs_trials_side_by_side_in_worker_processes(tmp_path):
-    run(small_args(tmp_path, "--trials", "4", "--jobs", "2", "--epochs", "1"), splits=tiny_splits())
+    run(small_args(tmp_path, "--trials", "2", "--jobs", "2", "--epochs", "1"), splits=tiny_splits())
     trials = optuna.load_study(study_name="vit-cifar10", storage=f"sqlite:///{tmp_path / 'stage1.db'}").trials
-    assert 4 <= len(trials) <= 4 + 1  # each worker checks the total after its trial: one more at most
+    assert 2 <= len(trials) <= 2 + 1  # each worker checks the total after its trial: one more at most
     assert all(t.state == TrialState.COMPLETE and len(t.user_attrs["history"]) >= 1 for t in trials)
     starts, ends = sorted(t.datetime_start for t in trials), sorted(t.datetime_complete for t in trials)
     assert starts[1] < ends[0]  # the second trial started before the first one finished
@@ -46,7 +46,7 @@ def test_jobs_runs_trials_side_by_side_in_worker_processes(tmp_path):
     # Started together, the workers still proposed different configurations (a sampler seed each).
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == len(trials)
     top = json.loads((tmp_path / "stage1" / "top3.json").read_text())
-    assert len(top) == 3
+    assert len(top) == min(3, len(trials))
 
 
 def test_total_stops_at_that_many_finished_trials_and_the_same_command_then_adds_none(tmp_path, monkeypatch):
@@ -61,7 +61,7 @@ def test_total_stops_at_that_many_finished_trials_and_the_same_command_then_adds
 
 
 def test_a_study_cut_mid_trial_by_the_time_limit_and_continued_reaches_its_total(tmp_path, capsys, monkeypatch):
-    """--time-limit for real: 2 trials of 4 epochs, each over 2.5 s, cannot fit in 8 s; each run stops between
+    """--time-limit for real: 2 trials of 3 epochs, each over 2.5 s, cannot fit in 8 s; each run stops between
     epochs, the cut trial is queued again, and the next run goes on from its checkpoint. (With 1.5 s in 5 s, an
     epoch under a loaded machine's suite once took over 5 s: then nothing ever fits, and the test failed.)"""
     seen, real = [], Trainer.train_epoch
@@ -77,20 +77,20 @@ def test_a_study_cut_mid_trial_by_the_time_limit_and_continued_reaches_its_total
                         lambda trial, base: replace(suggest(trial, base), patch_size=4, embed_dim=128, depth=4))
     codes = []
     for _ in range(12):
-        args = small_args(tmp_path, "--trials", "2", "--epochs", "4", "--patience", "4", "--time-limit", "8")
+        args = small_args(tmp_path, "--trials", "2", "--epochs", "3", "--patience", "3", "--time-limit", "8")
         codes.append(stage1_search._run_main(args, tiny_splits(), argv=["--trials", "2", "--time-limit", "8"]))
         if codes[-1] == 0:
             break
     assert codes[0] == cli.EXIT_TIME_LIMIT and set(codes[:-1]) == {cli.EXIT_TIME_LIMIT} and codes[-1] == 0, codes
     assert "continue with: python stage1_search.py --trials 2 --time-limit 8" in capsys.readouterr().err
-    assert sorted(seen) == sorted({(lr, epoch) for lr, epoch in seen}) and len(seen) == 8  # no epoch twice
+    assert sorted(seen) == sorted({(lr, epoch) for lr, epoch in seen}) and len(seen) == 6  # no epoch twice
     study = optuna.load_study(study_name="vit-cifar10", storage=f"sqlite:///{tmp_path / 'stage1.db'}")
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     cut = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(done) == 2 and len(cut) >= 1 and len(study.trials) == len(done) + len(cut)  # none left waiting
     assert all(t.user_attrs.get("stopped_for_time") and "failure" not in t.user_attrs for t in cut)
-    for t in done:  # each configuration trained epochs 1 to 4 once, over its cuts
-        assert [r["epoch"] for r in t.user_attrs["history"]] == [1, 2, 3, 4]
+    for t in done:  # each configuration trained epochs 1 to 3 once, over its cuts
+        assert [r["epoch"] for r in t.user_attrs["history"]] == [1, 2, 3]
         assert all(study.trials[n].params == t.params for n in t.system_attrs.get("retry_history", []))
     assert sum(len(t.system_attrs.get("retry_history", [])) for t in done) == len(cut)
     assert done[0].params != done[1].params

@@ -133,19 +133,21 @@ def test_auto_device_takes_cuda_then_mps_then_the_cpu(monkeypatch):
 
 
 @needs_real_data
-def test_seed_best_shape_learns_real_cifar10_in_two_epochs():
+def test_seed_best_shape_learns_real_cifar10_in_one_epoch():
     ds = load_cifar10(REAL_DATA, download=False)
     splits = train_val_splits(ds, seed=0, subset_ratio=5000 / 45000)
     assert len(splits.train_images) == 5000 and len(splits.val_images) == 5000
-    # Augmentation and stochastic depth pay over long runs but slow the first epochs: off here (30 % vs 26 %).
+    # Augmentation and stochastic depth pay over long runs but slow the first epochs: off here (30 % vs 26 %
+    # after two epochs).
     cfg = TrainConfig(patch_size=4, embed_dim=128, depth=6, num_heads=4, optimizer="adamw", lr=5.8e-4,
-                      batch_size=64, epochs=2, augment=False, drop_path=0.0, grad_clip=0.0)
-    # Judged on 1,000 of the 5,000 validation images, a quarter of this test's time: 29.8 % there (30.5 % on
-    # all 5,000) on a 2-core Xeon; 27 % is 2.7x chance, and noise labels would not reach it (p < 1e-40).
+                      batch_size=64, epochs=1, augment=False, drop_path=0.0, grad_clip=0.0)
+    # Judged on 1,000 of the 5,000 validation images, a quarter of this test's time: 25.4 % there after one
+    # epoch (29.8 % after two, twice the time) on a 2-core EPYC; 22 % is 2.2x chance, and noise labels would not
+    # reach it (p < 1e-28).
     trainer = Trainer(cfg, splits.train_images, splits.train_labels, splits.val_images[:1000],
                       splits.val_labels[:1000], device=torch.device("cpu"), progress=False)
     history = trainer.fit()
-    assert history[-1]["val_acc"] >= 0.27, history
+    assert history[-1]["val_acc"] >= 0.22, history
 
 
 def test_micro_batches_give_the_same_training_as_whole_batches():
