@@ -22,13 +22,14 @@ from train import with_defaults
 RESUME_KEYS = {"config", "model", "optimizer", "scheduler", "epoch", "history", "early_stopping", "rng"}
 
 
-def save_checkpoint(state: dict, path: str):
-    # Serialised in memory, then written whole through a temporary file (write_bytes): a kill or a
-    # full disk mid-write keeps the checkpoint a resume needs, and a full disk raises a plain OSError,
-    # which torch's own file writer turns into an opaque RuntimeError.
+def save_checkpoint(state: dict, *paths: str):
+    # Serialised once, in memory, then written whole to each path in turn through a temporary file
+    # (write_bytes): a kill or a full disk mid-write keeps the checkpoint a resume needs, and a full disk
+    # raises a plain OSError, which torch's own file writer turns into an opaque RuntimeError.
     buf = io.BytesIO()
     torch.save(state, buf)
-    write_bytes(path, buf.getbuffer())
+    for path in paths:
+        write_bytes(path, buf.getbuffer())
 
 
 def checkpoint_file(path: str) -> str:

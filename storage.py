@@ -280,9 +280,9 @@ def train_trial(trial: optuna.Trial, trainer, worker: Worker, storage, run_dir: 
 
     def on_epoch(t, record: dict):
         worker.epochs_trained += 1
-        if best and record["is_best"]:  # best.pt before last.pt: a kill between the two replays this epoch
-            save_checkpoint(t.state_dict(), best)
-        save_checkpoint(t.state_dict(), os.path.join(run_dir, "last.pt"))
+        # One state, serialised once; best.pt before last.pt: a kill between the two replays this epoch.
+        paths = [best] if best and record["is_best"] else []
+        save_checkpoint(t.state_dict(), *paths, os.path.join(run_dir, "last.pt"))
         tensorboard(t, record)
         through_a_restart(storage, trial.set_user_attr, "history", t.history)
         through_a_restart(storage, trial.report, record["val_acc"], record["epoch"])
