@@ -1,4 +1,5 @@
 import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -213,12 +214,14 @@ def test_keep_freed_memory_stops_the_page_faults_of_every_step():
                              capture_output=True, text=True, check=True).stdout.split()
         return out[0], int(out[1])
 
-    _, default = faults("default")
+    # The median of three runs of each: glibc's own mmap threshold moves at run time, so a single default run
+    # faulted anywhere from 8,224 to 77,845 times here (once too few for the bar below, with 1,300 tuned).
+    default = statistics.median(faults("default")[1] for _ in range(3))
     assert default > 5000  # 20 MB in 4 KB pages: glibc hands activations back and faults them in again
-    tuned, n = faults("tuned")
+    tuned = [faults("tuned") for _ in range(3)]
     # Alone: about 20,000 against 500-1,000. A test suite running beside it adds faults of its own (1,040 once
     # against a bar of default / 20): a tenth still tells the setting's effect from its absence.
-    assert tuned == "True" and n < default / 10
+    assert all(took == "True" for took, _ in tuned) and statistics.median(n for _, n in tuned) < default / 10
 
 
 def test_off_a_terminal_progress_comes_as_steady_lines(capsys):
