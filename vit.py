@@ -177,11 +177,3 @@ class ViT(nn.Module):
         x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, D)
         return self.head(x)  # (B, num_classes)
 
-
-def count_flops(cfg: ViTConfig) -> int:
-    """Forward FLOPs per image (2 per multiply-add), counted analytically, attention included."""
-    n = cfg.num_patches + (cfg.pool == "cls")
-    d, h = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
-    patch = 2 * cfg.num_patches * (cfg.in_channels * cfg.patch_size**2) * d
-    per_block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * h
-    return patch + cfg.depth * per_block + 2 * d * cfg.num_classes
