@@ -44,12 +44,10 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, 
     flip = torch.randint(2, (b,), generator=generator, device=dev)
     padded = F.pad(x.contiguous(), (padding,) * 4)  # contiguous: the row arithmetic below assumes NCHW layout
     ph, pw = h + 2 * padding, w + 2 * padding
-    # Each output row is a run of w consecutive bytes of the padded batch, so one index_select of rows from the view
-    # of all length-w windows does every crop: far cheaper than a per-pixel gather, whose int64 index would
-    # outweigh the batch itself.
+    # Each output row is w consecutive bytes of the padded batch, so one index_select of rows from the view of all
+    # length-w windows does every crop: far cheaper than a per-pixel gather, whose int64 index outweighs the batch.
     rows = torch.arange(b * c, device=dev).view(b, c, 1) * ph + corner[0] + torch.arange(h, device=dev)
-    windows = padded.view(-1).unfold(0, w, 1)
-    crops = windows.index_select(0, (rows * pw + corner[1]).view(-1)).view(b, c, h, w)
+    crops = padded.view(-1).unfold(0, w, 1).index_select(0, (rows * pw + corner[1]).view(-1)).view(b, c, h, w)
     # Pick each sample's crop or its mirror; torch.where (several times) and index_copy_ are slower on CPU.
     return torch.cat([crops, crops.flip(-1)]).index_select(0, torch.arange(b, device=dev) + b * flip)
 
@@ -133,8 +131,7 @@ def _autocontrast(img: torch.Tensor) -> torch.Tensor:
     lo, hi = img.amin(dim=(2, 3), keepdim=True).float(), img.amax(dim=(2, 3), keepdim=True).float()
     flat = hi == lo  # constant channel: torchvision's infinite scale falls back to the identity
     scale = (255.0 / (hi - lo)).masked_fill(flat, 1.0)
-    lo = lo.masked_fill(flat, 0.0)
-    return _to_uint8((img - lo).mul_(scale))
+    return _to_uint8((img - lo.masked_fill(flat, 0.0)).mul_(scale))
 
 
 def _equalize(img: torch.Tensor) -> torch.Tensor:
@@ -160,13 +157,12 @@ def _colour_op(img: torch.Tensor, op: int, neg: torch.Tensor, mags: tuple[float,
     name = OP_NAMES[op]
     if op in _BLEND_OPS:
         ratio, complement = _blend_factors(mags, img.device)[op - _BLEND_OPS.start].index_select(0, neg).unbind(1)
-        if name == "Brightness":
-            return _blend(img, None, ratio, complement)
-        if name == "Color":
-            return _blend(img, _grayscale(img), ratio, complement)
+        if name == "Sharpness":
+            return _sharpness(img, ratio, complement)
+        other = None if name == "Brightness" else _grayscale(img)
         if name == "Contrast":
-            return _blend(img, _grayscale(img).mean(dim=(1, 2, 3), keepdim=True), ratio, complement)
-        return _sharpness(img, ratio, complement)
+            other = other.mean(dim=(1, 2, 3), keepdim=True)
+        return _blend(img, other, ratio, complement)
     if name == "Posterize":
         return img & -int(2 ** (8 - int(mags[op])))  # keeps the top `bits` bits
     if name == "Solarize":
@@ -254,8 +250,7 @@ def random_erasing(x: torch.Tensor, probability: float, area: tuple[float, float
     in_rows = (rows >= top) & (rows < top + eh) & erase  # (B, H)
     in_cols = (cols >= left) & (cols < left + ew)  # (B, W)
     mask = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)  # (B, 1, H, W), broadcast over channels
-    noise = torch.randn(x.shape, device=dev, dtype=x.dtype, generator=generator)
-    return torch.where(mask, noise, x)
+    return torch.where(mask, torch.randn(x.shape, device=dev, dtype=x.dtype, generator=generator), x)
 
 
 def train_transform(x_uint8: torch.Tensor, generator: torch.Generator | None = None, num_ops: int = 2,

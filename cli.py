@@ -1,6 +1,6 @@
-"""What the command-line scripts share: one-line usage errors, the common flags, --time-limit, the results
-folder's writability check, the --device resolver, and `run_main`, which turns the project's errors into one
-line and an exit code.
+"""What the command-line scripts share: one-line usage errors, the common flags, --time-limit, Ctrl-C and SIGTERM,
+the results folder's writability check, the --device resolver, and `run_main`, which turns the project's errors
+into one line and an exit code.
 
 A run cut by --time-limit ends with EXIT_TIME_LIMIT (75, sysexits' EX_TEMPFAIL: "try again later"), so that a
 job script tells it from a finished run (0), a failed one (1), a usage error (2), Ctrl-C (130) and SIGTERM (143):
@@ -29,8 +29,7 @@ class OneLineParser(argparse.ArgumentParser):
     """Usage errors in one line: the usage is in --help; a misspelt flag gets the closest one's name."""
 
     def error(self, message):
-        unknown = re.fullmatch(r"unrecognized arguments: (.*)", message)
-        if unknown:
+        if unknown := re.fullmatch(r"unrecognized arguments: (.*)", message):
             known = set(re.findall(r"--[a-z][a-z0-9-]*", self.format_help()))
             hints = [f"did you mean {close[0]}?" for arg in unknown.group(1).split() if arg.startswith("--")
                      for close in [closest(arg.split("=")[0], known)] if close]
@@ -84,8 +83,7 @@ def clock(seconds: float, precise: bool = False) -> str:
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)"
 
 
-def add_common_flags(parser: argparse.ArgumentParser, results_help: str | None = None,
-                     storage_help: str | None = None):
+def add_common_flags(parser: argparse.ArgumentParser, results_help: str | None = None, storage_help: str | None = None):
     """--data-dir, --no-download and --device; --results and --storage for the scripts that have them."""
     parser.add_argument("--data-dir", default="data",
                         help="folder holding (or to receive) cifar-10-batches-py/ (default: data)")
@@ -123,16 +121,13 @@ def epoch_line(name: str, record: dict, history: list, epochs: int) -> str:
     speed = f", {record['train_img_s']:.0f} img/s" if "train_img_s" in record else ""
     return (f"{name} epoch {record['epoch']:3d}/{epochs}: train loss {record['train_loss']:.4f} "
             f"acc {100 * record['train_acc']:.2f} %, val loss {record['val_loss']:.4f} "
-            f"acc {100 * record['val_acc']:.2f} %"
-            f"{' (best)' if record['is_best'] else ''}, lr {record['lr']:.2e}, {record['epoch_time']:.0f}s{speed}, "
-            f"{clock(sum(took), precise=sum(took) < 600)} so far{eta}")
+            f"acc {100 * record['val_acc']:.2f} %{' (best)' if record['is_best'] else ''}, lr {record['lr']:.2e}, "
+            f"{record['epoch_time']:.0f}s{speed}, {clock(sum(took), precise=sum(took) < 600)} so far{eta}")
 
 
 class StoppedForTime(Exception):
     """--time-limit was reached; the message says where the run stopped and how to continue it."""
 
-
-# ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
 _stop = {"signum": None}  # the first Ctrl-C or SIGTERM of this process, until the run stops for it

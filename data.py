@@ -111,10 +111,8 @@ def load_cifar10(data_dir: str = "data", download: bool = True, test: bool = Tru
 
 def _stratified_pick(labels: torch.Tensor, per_class: list, generator: torch.Generator) -> torch.Tensor:
     """Indices of per_class[c] randomly chosen samples of each class c, sorted."""
-    picked = []
-    for c, k in enumerate(per_class):
-        idx = (labels == c).nonzero().squeeze(1)
-        picked.append(idx[torch.randperm(len(idx), generator=generator)[:k]])
+    by_class = [(labels == c).nonzero().squeeze(1) for c in range(len(per_class))]
+    picked = [idx[torch.randperm(len(idx), generator=generator)[:k]] for idx, k in zip(by_class, per_class)]
     return torch.cat(picked).sort().values
 
 
@@ -126,11 +124,9 @@ def split_indices(labels: torch.Tensor, seed: int = 0, subset_ratio: float = 1.0
         raise ValueError(f"subset_ratio must be in (0, 1], got {subset_ratio}")
     num_classes = int(labels.max()) + 1
     val = _stratified_pick(labels, [VAL_PER_CLASS] * num_classes, torch.Generator().manual_seed(seed))
-    everything = torch.arange(len(labels))
-    train = everything[~torch.isin(everything, val)]
+    train = torch.isin(torch.arange(len(labels)), val, invert=True).nonzero().squeeze(1)
     if subset_ratio < 1.0:
-        counts = torch.bincount(labels[train], minlength=num_classes)
-        keep = [max(1, round(int(n) * subset_ratio)) for n in counts]
+        keep = [max(1, round(int(n) * subset_ratio)) for n in torch.bincount(labels[train], minlength=num_classes)]
         # A separate generator, so that changing the ratio never moves the validation set.
         train = train[_stratified_pick(labels[train], keep, torch.Generator().manual_seed(seed + 1))]
     return train, val
@@ -187,10 +183,9 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = 0.0, cutmix
     The batch-level draws (whether, which, lambda, the box) come from rng (None: Python's global one), the partners
     from generator (on x's device; None: torch's global RNG): torchvision's v2.MixUp and v2.CutMix draw from torch's
     global RNG, which a run cannot own; drawn on the host, the box is plain integers: slicing never syncs a GPU."""
-    if mixup_alpha <= 0 and cutmix_alpha <= 0:
-        return x, y
     rng = rng or random
-    if mix_prob < 1 and rng.random() >= mix_prob:  # no draw at 1: mixup alone replays its old stream
+    # No draw at mix_prob 1: mixup alone replays its old stream.
+    if (mixup_alpha <= 0 and cutmix_alpha <= 0) or (mix_prob < 1 and rng.random() >= mix_prob):
         return x, y
     cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
     # Python's Beta sampler: torch's takes no generator, and one lambda per batch is host work anyway.
@@ -242,5 +237,4 @@ class DeviceLoader:
         # size, so chunks of >= 1024 images double the throughput of batch-sized calls on a CPU.
         per_chunk = bs * max(1, AUGMENT_CHUNK // bs)
         for idx in order.split(per_chunk):
-            x, y = self.transform(self.images[idx]), self.labels[idx]
-            yield from zip(x.split(bs), y.split(bs))
+            yield from zip(self.transform(self.images[idx]).split(bs), self.labels[idx].split(bs))

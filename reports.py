@@ -326,16 +326,14 @@ def _pct(x) -> str:
 
 def plot_comparison(rows: list, path: str):
     metrics = {"test_acc": "accuracy", "precision": "macro precision", "recall": "macro recall", "f1": "macro F1"}
-    x = np.arange(len(rows))
-    width = 0.8 / len(metrics)
+    x, width = np.arange(len(rows)), 0.8 / len(metrics)
     fig, ax = pyplot().subplots(figsize=(max(6, 2.2 * len(rows) + 2), 4.5))
     for k, (key, label) in enumerate(metrics.items()):
         bars = ax.bar(x + (k - (len(metrics) - 1) / 2) * width, [100 * r[key] for r in rows], width, label=label)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    lowest = min(100 * r[key] for r in rows for key in metrics)
     # Models a few points apart look identical on a 0-100 axis; start just below the lowest bar, and say it when
     # the axis does not start at 0, so that bar heights are not read as ratios.
-    bottom = max(0, 10 * (lowest // 10) - 10)
+    bottom = max(0, 10 * (min(100 * r[key] for r in rows for key in metrics) // 10) - 10)
     ax.set_xticks(x, [r["model"] for r in rows])
     ax.set(ylim=(bottom, 104), title="Stage 2: test-set metrics per model",  # 104: room for labels of bars near 100
            ylabel="% on the test set" + (f" (axis starts at {bottom:.0f} %)" if bottom > 0 else ""))
@@ -377,9 +375,7 @@ def write_stage2_report(rows: list, out_dir: str, subset: float, patience: int):
         "precision trained the model; validation ran in float32 too, but in the training's precision (bf16 or "
         "fp16) for a model trained on a CUDA GPU, whose gap then also holds that difference (docs/speed.md).", "",
         "| model | test acc | 95 % interval | macro precision | macro recall | macro F1 | best val acc | val − test "
-        "(95 % interval) | epochs run |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+        "(95 % interval) | epochs run |", "|---|---|---|---|---|---|---|---|---|"]
     sections = []  # each model's own part, after the table and the tests
     for r in rows:
         run = f"{r['epochs_run']} of {r['max_epochs']}" + (", stopped early" if r["stopped_early"] else "")
@@ -415,8 +411,7 @@ def write_stage2_report(rows: list, out_dir: str, subset: float, patience: int):
             f"![the 36 most confident mistakes]({r['model']}/mistakes.png)", "",
             f"[test_metrics.json]({r['model']}/test_metrics.json) · "
             f"[confusion_matrix.csv]({r['model']}/confusion_matrix.csv)", "",
-            "```", r["classification_report"].rstrip(), "```",
-        ]
+            "```", r["classification_report"].rstrip(), "```"]
     if tested:
         plot_comparison(tested, os.path.join(out_dir, "comparison.png"))
         lines += ["", "![test accuracy, macro precision, recall and F1 per model](comparison.png)"]

@@ -50,8 +50,7 @@ TWO_SEEDS = ("plain", "plus_warmup", "warmup_randaug_off", "chosen")  # the seed
 
 def variant_config(name: str, seed: int = 0, epochs: int = 10, subset: float = 0.2) -> TrainConfig:
     """A variant's run: its recipe, one full schedule without early stopping."""
-    return TrainConfig.from_dict({**VARIANTS[name], "epochs": epochs, "patience": epochs, "subset_ratio": subset,
-                                  "seed": seed})
+    return TrainConfig.from_dict(dict(VARIANTS[name], epochs=epochs, patience=epochs, subset_ratio=subset, seed=seed))
 
 
 def run_one(name: str, seed: int, splits, device, epochs: int, subset: float, out: str) -> dict:
