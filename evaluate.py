@@ -21,12 +21,11 @@ import sys
 
 import torch
 
-from checkpoint import checkpoint_file, load_checkpoint, save_checkpoint
 from cli import OneLineParser, add_common_flags, resolve_device, run_main
 from data import VAL_PER_CLASS, DataError, DeviceLoader, final_test_set, load_cifar10
 from reports import (accuracy_interval, code_version, difference_interval, plot_mistakes, plot_per_class_accuracy,
                      pyplot, save_figure, write_bytes, write_json)
-from train import TrainConfig, eval_batch_size, evaluate
+from train import TrainConfig, checkpoint_file, eval_batch_size, evaluate, load_checkpoint, save_checkpoint
 from vit import ViT
 
 # Stage 1 writes metrics.json (with the whole training history) next to its last.pt: the test's own name.

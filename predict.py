@@ -17,10 +17,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from augment import eval_transform
 from data import CLASSES, DataError
-from checkpoint import load_checkpoint
 from cli import DEVICE_HELP, OneLineParser, resolve_device
 from evaluate import model_from_checkpoint
-from train import eval_batch_size
+from train import eval_batch_size, load_checkpoint
 
 SIZE = 32  # CIFAR-10's images, all the model has seen
 

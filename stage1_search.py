@@ -22,7 +22,6 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from checkpoint import load_into
 from cli import (OneLineParser, StoppedForTime, add_common_flags, add_worker_flags, check_stop, check_writable, clock,
                  nothing_fits, positive, raise_for, resolve_device, run_main, stop_handlers, stop_requested,
                  storage_url)
@@ -166,7 +165,7 @@ class Objective:
             if not os.path.isfile(path):
                 continue
             try:  # a checkpoint that cannot be continued is passed over, said once
-                load_into(trainer, path, again="the retry looks at the attempt before it, or starts over")
+                trainer.resume(path, again="the retry looks at the attempt before it, or starts over")
             except DataError as e:
                 tqdm.write(f"trial {trial.number:4d}: {e}")
                 continue

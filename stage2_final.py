@@ -14,147 +14,30 @@ best.pt once on the 10,000 test images, and the last worker to finish writes res
 """
 
 import argparse
-import json
 import os
 import sys
 import time
-from dataclasses import fields
 
 import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from checkpoint import load_into
+from candidates import (CONFIG_KEYS, MODEL_ATTRS, SCHEDULE_FLAGS, candidates_from_file, candidates_from_study,
+                        queue_models, report_row, rows_of)
 from cli import (OneLineParser, StorageError, StoppedForTime, add_common_flags, add_worker_flags, check_stop,
-                 check_writable, closest, nothing_fits, positive, raise_for, resolve_device, run_main, stop_handlers,
+                 check_writable, nothing_fits, positive, raise_for, resolve_device, run_main, stop_handlers,
                  stop_requested, storage_url)
-from data import TEST_FILE, DataError, find_cifar10, load_cifar10, train_val_splits
+from data import TEST_FILE, find_cifar10, load_cifar10, train_val_splits
 from evaluate import TEST_OUTPUTS, evaluate_checkpoint
-from reports import (code_version, completed_by_value, epochs_phrase, log_hparams, plot_curves,
-                     test_row, write_json, write_stage2_report)
+from reports import code_version, epochs_phrase, log_hparams, plot_curves, test_row, write_json, write_stage2_report
 from storage import (Worker, open_storage, optimize, redact_url, run_workers, storage_error, storage_lost_in_one_line,
                      train_trial)
 from train import (AMP_HELP, AMP_MODES, COMPILE_HELP, COMPILE_MODES, LONG_RECIPE, Diverged, TrainConfig, Trainer,
                    add_recipe_flags, recipe_overrides, warmup_note)
 
-CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
-SCHEDULE_FLAGS = {"epochs": "--epochs", "patience": "--patience", "subset_ratio": "--subset"}  # stage 2's, not a file's
 # Everything a run writes into its folder; --fresh removes exactly these, nothing a person put there.
 RUN_OUTPUTS = ("last.pt", "best.pt", "curves.png", "metrics.json", *TEST_OUTPUTS)
-MODEL_ATTRS = ("model", "config", "source", "stage1_val_acc")  # a stage-2 trial's user attributes: what it trains
 LIVE = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)  # a model's trial that has it in hand, or done
-
-
-# ----------------------------------------------------------------------------- the models to train
-
-
-def stage2_config(d: dict, args, from_study: bool = False) -> TrainConfig:
-    """d with stage 2's schedule and recipe: recipe flags win over everything; then, for a stage-1 trial,
-    LONG_RECIPE over the 20-epoch proxy's (chosen for ranking, not for 120 epochs); for a --config file's
-    configuration, its own keys over LONG_RECIPE: it says what to train."""
-    recipe = {**d, **LONG_RECIPE} if from_study else {**LONG_RECIPE, **d}
-    return TrainConfig.from_dict({**recipe, **recipe_overrides(vars(args)), "epochs": args.epochs,
-                                  "patience": args.patience, "subset_ratio": args.subset})
-
-
-def model(name: str, config: TrainConfig, source: str, stage1_val_acc: float | None = None) -> dict:
-    """A model to train as its stage-2 trial holds it (user attributes MODEL_ATTRS): its folder under
-    results/stage2/ (trial_0012, config_0), its configuration, where that came from (in words) and its stage-1
-    validation accuracy."""
-    return {"model": name, "config": config.to_dict(), "source": source, "stage1_val_acc": stage1_val_acc}
-
-
-def candidates_from_study(args, storage, url: str) -> list:
-    """The chosen trials of stage 1's study (the top k completed, or --trials by number)."""
-    where = f"study {args.study_name!r} in {redact_url(url)}"  # into config.json and the report: no password
-    try:
-        study = optuna.load_study(study_name=args.study_name, storage=storage)
-    except KeyError:
-        held = ", ".join(repr(n) for n in optuna.study.get_all_study_names(storage) if not n.endswith("-stage2"))
-        held = held or "none"
-        raise StorageError(f"no study {args.study_name!r} in {redact_url(url)} (it holds: {held}); pass "
-                           f"--study-name") from None
-    if args.trials:
-        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-        missing = [n for n in args.trials if n not in by_number]
-        if missing:
-            raise StorageError(f"{where} has no trial {', '.join(map(str, missing))} "
-                               f"(its trials are numbered 0 to {len(by_number) - 1})")
-        chosen = [by_number[n] for n in dict.fromkeys(args.trials)]  # a number given twice trains once
-        for t in chosen:
-            if not t.params:
-                raise StorageError(f"trial {t.number} of {where} is {t.state.name} and has no configuration yet")
-            if t.state != TrialState.COMPLETE:
-                tqdm.write(f"note: trial {t.number} is {t.state.name}, not COMPLETE; retraining it as asked")
-    else:
-        chosen = completed_by_value(study)[:args.top_k]
-        if not chosen:
-            raise StorageError(f"{where} has no completed trial yet ({len(study.trials)} trials in all); "
-                               f"let stage1_search.py finish one, or pass --config")
-        if len(chosen) < args.top_k:
-            tqdm.write(f"note: {where} has only {len(chosen)} completed trial(s); retraining those instead of "
-                       f"the top {args.top_k}")
-    # params win over the stored config: they are what Optuna proposed, and every key is a TrainConfig field.
-    return [model(f"trial_{t.number:04d}", stage2_config({**t.user_attrs.get("config", {}), **t.params}, args,
-                                                         from_study=True), f"stage-1 trial {t.number} of {where}",
-                  t.value) for t in chosen]
-
-
-def candidates_from_file(path: str, args) -> list:
-    """One configuration or a list: TrainConfig keys, or whole top3.json entries (checked key by key, so that
-    a typo, or a key that belongs to a flag, is refused in one line instead of ignored)."""
-    try:
-        with open(path) as f:
-            entries = json.load(f)
-    except OSError as e:
-        raise DataError(f"cannot read --config {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"--config {path} is not valid JSON: {e}") from None
-    entries = [entries] if isinstance(entries, dict) else entries
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
-        raise DataError(f"--config {path} must hold a configuration (a JSON object) or a non-empty list of them")
-    candidates = []
-    for i, entry in enumerate(entries):
-        number, val_acc = entry.get("number"), entry.get("val_acc")
-        if "params" in entry:  # a top3.json entry: its full config (stage 1's schedule), Optuna's params on top
-            d = {**(entry.get("config") or {}), **entry["params"]}
-        else:
-            d, number, val_acc = entry, None, None
-            scheduled = [k for k in SCHEDULE_FLAGS if k in d]  # the flags' values would override it silently
-            if scheduled:
-                raise DataError(f"--config {path}, configuration {i}: {', '.join(scheduled)} is set by "
-                                f"{', '.join(SCHEDULE_FLAGS[k] for k in scheduled)} for every model, not by the file; "
-                                f"remove it from the file")
-        unknown = sorted(set(d) - set(CONFIG_KEYS))
-        if unknown:
-            keys = [k for k in CONFIG_KEYS if k not in SCHEDULE_FLAGS]
-            hints = "".join(f" (did you mean {c[0]}?)" for k in unknown for c in [closest(k, keys)] if c)
-            raise DataError(f"--config {path}, configuration {i}: unknown key(s) {', '.join(unknown)}{hints}; "
-                            f"known keys: {', '.join(keys)}")
-        try:
-            cfg = stage2_config(d, args, from_study="params" in entry)
-        except (TypeError, ValueError) as e:
-            raise DataError(f"--config {path}, configuration {i}: {e}") from None
-        name = f"trial_{number:04d}" if isinstance(number, int) else f"config_{i}"
-        name = name if name not in {c["model"] for c in candidates} else f"config_{i}"
-        origin = f" (stage-1 trial {number})" if isinstance(number, int) else ""
-        candidates.append(model(name, cfg, f"configuration {i} of {path}{origin}", val_acc))
-    return candidates
-
-
-def queue_models(study: optuna.Study, candidates: list):
-    """Enqueue each model that no trial of the study has in hand (waiting, running) or done with its configuration."""
-    trials = study.get_trials(deepcopy=False)  # one read: each candidate's trials are its own
-    for c in candidates:
-        mine = [t for t in trials if t.user_attrs.get("model") == c["model"]]
-        done = [t for t in mine if t.state == TrialState.COMPLETE]
-        if done and done[-1].user_attrs["config"] != c["config"]:
-            raise DataError(f"{c['model']} was trained with another configuration than {c['source']}; pass --fresh "
-                            f"to start it over, or --results to write elsewhere")
-        if done:
-            tqdm.write(f"{c['model']}: already trained and tested (--fresh trains it again)")
-        elif not any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in mine):
-            study.enqueue_trial({}, user_attrs=c)
 
 
 # ----------------------------------------------------------------------------- training and testing one model
@@ -176,7 +59,7 @@ def train_and_test(trial: optuna.Trial, storage, args, splits, ds, device, out_d
     trainer = Trainer(cfg, splits.train_images, splits.train_labels, splits.val_images, splits.val_labels, device,
                       amp=args.amp, compile=args.compile, stop_check=check_stop, progress=not w.index)
     if os.path.isfile(last) and not args.fresh:  # one this run cannot continue is refused, never overwritten
-        load_into(trainer, last, again="pass --fresh to start it over (its checkpoints are deleted), or --results "
+        trainer.resume(last, again="pass --fresh to start it over (its checkpoints are deleted), or --results "
                                        "to write elsewhere")
     else:  # from scratch: no curves or checkpoints of an older run
         for f in os.listdir(run_dir) if os.path.isdir(run_dir) else ():
@@ -216,7 +99,7 @@ def train_and_test(trial: optuna.Trial, storage, args, splits, ds, device, out_d
                f"{trainer.best_epoch}")
     plot_curves(trainer.history, os.path.join(run_dir, "curves.png"),
                 f"{name}: best val acc {100 * trainer.best_acc:.2f} % at epoch {trainer.best_epoch}")
-    row = {**_row(trial.user_attrs), "epochs_run": trainer.epoch, "stopped_early": trainer.stopped_early,
+    row = {**report_row(trial.user_attrs), "epochs_run": trainer.epoch, "stopped_early": trainer.stopped_early,
            "failure": failure}
     if os.path.isfile(best):  # the one place the test images are read, after the model's training
         m = evaluate_checkpoint(best, ds, device)
@@ -227,26 +110,6 @@ def train_and_test(trial: optuna.Trial, storage, args, splits, ds, device, out_d
                    f"macro F1 {100 * m['macro']['f1']:.2f} %")
     trial.set_user_attr("row", row)
     return max(trainer.best_acc, 0.0)
-
-
-def _row(attrs: dict) -> dict:
-    return {**{k: attrs[k] for k in MODEL_ATTRS}, "max_epochs": attrs["config"]["epochs"]}
-
-
-def rows_of(study: optuna.Study | None, candidates: list) -> list:
-    """Each model's report row: its trial's, once tested, or how far its trials got (their reported epochs)."""
-    rows, trials = [], study.get_trials(deepcopy=False) if study else ()
-    for c in candidates:
-        mine = [t for t in trials if t.user_attrs.get("model") == c["model"]]
-        done = [t for t in mine if t.state == TrialState.COMPLETE]
-        if done:
-            rows.append(done[-1].user_attrs["row"])
-            continue
-        row = _row(mine[-1].user_attrs if mine else c)  # its trial's own schedule: --report-only's flags need not say
-        epochs = max((max(t.intermediate_values, default=0) for t in mine), default=0)
-        rows.append({**row, "epochs_run": epochs, "stopped_early": False, "failure": "",
-                     "unfinished": f"not finished yet ({epochs} of {epochs_phrase(row['max_epochs'])} so far)"})
-    return rows
 
 
 # ----------------------------------------------------------------------------- command line
@@ -297,6 +160,12 @@ def parse_args(argv=None):
     return args
 
 
+def model_flags(args) -> dict:
+    """What the flags set for every model: the schedule and any recipe flag, as TrainConfig values."""
+    return {**recipe_overrides(vars(args)), "epochs": args.epochs, "patience": args.patience,
+            "subset_ratio": args.subset}
+
+
 def run(args, ds=None, worker: Worker | None = None) -> list:
     """Train and test every waiting model, then report them all if none is left; `ds` (tests) replaces CIFAR-10.
     Returns every model's row, as far as it got."""
@@ -312,7 +181,9 @@ def run(args, ds=None, worker: Worker | None = None) -> list:
     out_dir, name = os.path.join(args.results, "stage2"), f"{args.study_name}-stage2"
     storage = None if args.config else open_storage(url, args.heartbeat)
     # Configurations first: a missing study should fail in a second, not after loading the data.
-    candidates = candidates_from_file(args.config, args) if args.config else candidates_from_study(args, storage, url)
+    flags = model_flags(args)
+    candidates = (candidates_from_file(args.config, flags) if args.config else
+                  candidates_from_study(storage, url, args.study_name, args.trials, args.top_k, flags))
     if not args.report_only:  # every check before the stage-2 study is touched: bad input changes nothing
         check_writable(out_dir)
         if ds is None:  # a mistyped --data-dir or a damaged file fails here, naming it

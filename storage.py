@@ -25,9 +25,9 @@ import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from tqdm.auto import tqdm
 
-from checkpoint import save_checkpoint
 from cli import EXIT_TIME_LIMIT, StorageError, StoppedForTime, epoch_line, install_stop_handlers, stop_requested
 from reports import TensorBoardLogger
+from train import save_checkpoint
 
 try:
     import fcntl

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import stage2_final
+from candidates import candidates_from_file, stage2_config
 from conftest import synthetic_splits
 from tools import ablation
 from train import with_defaults
@@ -97,17 +98,17 @@ def test_stage_2_defaults_to_the_long_recipe_its_run_measured(capsys):
     with open(os.path.join(root, "results", "reference", "120ep_long_recipe", "stage2", "config_0", "config.json")) as f:
         evidence = json.load(f)["config"]
     path = os.path.join(root, "configs", "long_recipe.json")
-    (c,) = stage2_final.candidates_from_file(path, stage2_final.parse_args(["--config", path]))
+    flags = lambda *argv: stage2_final.model_flags(stage2_final.parse_args(list(argv)))  # noqa: E731
+    (c,) = candidates_from_file(path, flags("--config", path))
     assert c["config"] == evidence  # the file rebuilds the run's configuration field for field
     best = os.path.join(root, "configs", "seed_best.json")
     shape_only = {k: v for k, v in json.load(open(best)).items() if k not in LONG_RECIPE}
-    args = stage2_final.parse_args([])
-    assert stage2_final.stage2_config(shape_only, args).to_dict() == evidence  # a file's missing keys: the long recipe
+    assert stage2_config(shape_only, flags()).to_dict() == evidence  # a file's missing keys: the long recipe
     proxy = ablation.TrainConfig(**shape_only).to_dict()  # a stage-1 trial: the seed's recipe, on the proxy
-    assert stage2_final.stage2_config(proxy, args, from_study=True).to_dict() == evidence
-    seed = stage2_final.candidates_from_file(best, stage2_final.parse_args(["--config", best]))[0]["config"]
+    assert stage2_config(proxy, flags(), from_study=True).to_dict() == evidence
+    seed = candidates_from_file(best, flags("--config", best))[0]["config"]
     assert (seed["cutmix_alpha"], seed["weight_decay"], seed["warmup_epochs"]) == (0.0, 0.01, 2)  # its own keys win
-    flagged = stage2_final.stage2_config(proxy, stage2_final.parse_args(["--erase-prob", "0"]), from_study=True)
+    flagged = stage2_config(proxy, flags("--erase-prob", "0"), from_study=True)
     assert flagged.erase_prob == 0.0 and flagged.cutmix_alpha == 1.0
     with pytest.raises(SystemExit):
         stage2_final.parse_args(["--help"])
@@ -124,10 +125,11 @@ def test_the_seed_recipe_config_is_the_long_runs_command():
     with open(os.path.join(root, "results", "reference", "120ep_seed_recipe_stopped_at_97", "config.json")) as f:
         evidence = json.load(f)["config"]
     recipe = os.path.join(root, "configs", "seed_recipe.json")
-    from_file = stage2_final.candidates_from_file(recipe, stage2_final.parse_args(["--config", recipe]))
+    flags = lambda *argv: stage2_final.model_flags(stage2_final.parse_args(list(argv)))  # noqa: E731
+    from_file = candidates_from_file(recipe, flags("--config", recipe))
     best = os.path.join(root, "configs", "seed_best.json")
-    flags = ["--config", best, "--randaug-ops", "2", "--drop-path", "0.1", "--grad-clip", "1"]
-    from_flags = stage2_final.candidates_from_file(best, stage2_final.parse_args(flags))
+    argv = ["--config", best, "--randaug-ops", "2", "--drop-path", "0.1", "--grad-clip", "1"]
+    from_flags = candidates_from_file(best, flags(*argv))
     # (fields added since, e.g. cutmix_alpha, take their defaults: off, as that run had them)
     assert from_file[0]["config"] == from_flags[0]["config"] == with_defaults(evidence)
     assert evidence["randaug_ops"] == 2 and evidence["epochs"] == 120  # not two copies of the chosen recipe

@@ -324,7 +324,7 @@ def test_long_recipe_values_are_checked_and_a_bad_flag_is_one_line_naming_it(tmp
 def test_a_checkpoint_from_before_the_long_recipe_fields_still_resumes(tmp_path):
     """Its configuration lacks the new keys, whose defaults (off) are what its code did: it continues, and
     counts as the same configuration; a key this code does not know still means another version."""
-    from checkpoint import load_into, save_checkpoint
+    from train import save_checkpoint
     from data import DataError
 
     s = synthetic_splits(n_train=128, n_val=64)
@@ -337,12 +337,12 @@ def test_a_checkpoint_from_before_the_long_recipe_fields_still_resumes(tmp_path)
     old = {**state, "config": {k: v for k, v in state["config"].items() if k not in new}}
     save_checkpoint(old, str(tmp_path / "old.pt"))
     resumed = make()
-    load_into(resumed, str(tmp_path / "old.pt"), again="")
+    resumed.resume(str(tmp_path / "old.pt"), again="")
     assert resumed.epoch == 1
     save_checkpoint({**state, "config": {**state["config"], "newer_field": 1}}, str(tmp_path / "newer.pt"))
     with pytest.raises(DataError, match="older, incompatible version"):
-        load_into(make(), str(tmp_path / "newer.pt"), again="")
+        make().resume(str(tmp_path / "newer.pt"), again="")
     other = {**state, "config": {k: v for k, v in state["config"].items() if k != "erase_prob"} | {"lr": 0.5}}
     save_checkpoint(other, str(tmp_path / "other.pt"))
     with pytest.raises(DataError, match="another configuration"):
-        load_into(make(), str(tmp_path / "other.pt"), again="")
+        make().resume(str(tmp_path / "other.pt"), again="")

@@ -15,6 +15,7 @@ import cli
 import stage2_final
 import storage
 import train
+from candidates import candidates_from_file, candidates_from_study
 from conftest import synthetic_cifar, touches_the_edge
 from data import DataError, train_val_splits
 from cli import StorageError
@@ -305,10 +306,16 @@ def test_trials_are_picked_by_number(tmp_path, capsys):
     tiny_study(tmp_path, [(TrialState.COMPLETE, 0.4, 1e-3), (TrialState.COMPLETE, 0.6, 3e-3),
                           (TrialState.PRUNED, None, 2e-3)])
     url = f"sqlite:///{tmp_path}/stage1.db"
-    picked = stage2_final.candidates_from_study(args_for(tmp_path, "--trials", "2", "0", "2"), open_storage(url), url)
+
+    def pick(*argv):
+        args = args_for(tmp_path, *argv)
+        return candidates_from_study(open_storage(url), url, args.study_name, args.trials, args.top_k,
+                                     stage2_final.model_flags(args))
+
+    picked = pick("--trials", "2", "0", "2")
     assert [c["model"] for c in picked] == ["trial_0002", "trial_0000"] and picked[0]["config"]["lr"] == 2e-3
     assert "trial 2 is PRUNED" in capsys.readouterr().out
-    top = stage2_final.candidates_from_study(args_for(tmp_path, "--top-k", "1"), open_storage(url), url)
+    top = pick("--top-k", "1")
     assert [c["model"] for c in top] == ["trial_0001"] and top[0]["stage1_val_acc"] == 0.6
 
 
@@ -329,7 +336,7 @@ def test_bad_config_files_give_one_line_errors(tmp_path, content, message):
     if content is not None:
         path.write_text(content)
     with pytest.raises(DataError, match=message):
-        stage2_final.candidates_from_file(str(path), args_for(tmp_path))
+        candidates_from_file(str(path), stage2_final.model_flags(args_for(tmp_path)))
 
 
 def test_cli_flags_and_one_line_errors(tmp_path, capsys):

@@ -81,7 +81,7 @@ def without_timings(history):
 SAVER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from checkpoint import save_checkpoint
+from train import save_checkpoint
 for step in range(10**6):  # a 32 MB checkpoint, again and again: most of the time one is being written
     save_checkpoint({{"step": step, "weights": torch.full((8 * 2**20,), float(step))}}, sys.argv[1])
 """

@@ -30,7 +30,8 @@ import torch  # noqa: E402
 
 from cli import DEVICE_HELP, resolve_device  # noqa: E402
 from data import AUGMENT_CHUNK, DataError  # noqa: E402
-from train import AMP_MODES, LONG_RECIPE, TrainConfig, Trainer, evaluate, pick_device, resolve_amp  # noqa: E402
+from train import (AMP_MODES, LONG_RECIPE, TrainConfig, Trainer, evaluate, pick_device, resolve_amp,  # noqa: E402
+                   save_checkpoint)
 
 PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
 # Stage 1's choices that change a step's cost (stage1_search.suggest_config; a test keeps the two in step)
@@ -90,8 +91,6 @@ def config_times(cfg: TrainConfig, device, amp: str = "auto", smoke: bool = Fals
     calls' images so that each step bears its share), val_s (5,000 images in the stages' precision) and test_s (10,000
     in float32), both scaled up from fewer images, warmup_s (the first epoch and validation beyond the later ones) and
     save_s (a checkpoint). smoke: a 16th of the batch, one step an epoch: its times mean nothing."""
-    from checkpoint import save_checkpoint
-
     if smoke:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "batch_size": cfg.batch_size // 16})
     images = cfg.batch_size if smoke else 2 * max(1, AUGMENT_CHUNK // cfg.batch_size) * cfg.batch_size
@@ -181,8 +180,7 @@ def ops_figures(device_arg: str, amp: str = "auto", modes=("off", "default"), cf
 
 
 def search_grid() -> list:
-    return [TrainConfig(**COSTLIEST, **dict(zip(COST_CHOICES, values))) for values in
-            itertools.product(*COST_CHOICES.values())]
+    return [TrainConfig(**COSTLIEST, **dict(zip(COST_CHOICES, v))) for v in itertools.product(*COST_CHOICES.values())]
 
 
 def main(argv=None):
