@@ -19,6 +19,7 @@ from train import LONG_RECIPE, TrainConfig
 CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
 SCHEDULE_FLAGS = {"epochs": "--epochs", "patience": "--patience", "subset_ratio": "--subset"}  # stage 2's, not a file's
 MODEL_ATTRS = ("model", "config", "source", "stage1_val_acc")  # a stage-2 trial's user attributes: what it trains
+LIVE = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)  # a model's trial that has it in hand, or done
 
 
 def stage2_config(d: dict, flags: dict, from_study: bool = False) -> TrainConfig:
@@ -125,7 +126,7 @@ def queue_models(study: optuna.Study, candidates: list):
                             f"to start it over, or --results to write elsewhere")
         if done:
             tqdm.write(f"{c['model']}: already trained and tested (--fresh trains it again)")
-        elif not any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in mine):
+        elif not any(t.state in LIVE for t in mine):
             study.enqueue_trial({}, user_attrs=c)
 
 

@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from candidates import (CONFIG_KEYS, MODEL_ATTRS, SCHEDULE_FLAGS, candidates_from_file, candidates_from_study,
+from candidates import (CONFIG_KEYS, LIVE, MODEL_ATTRS, SCHEDULE_FLAGS, candidates_from_file, candidates_from_study,
                         queue_models, report_row, rows_of)
 from cli import (OneLineParser, StorageError, StoppedForTime, add_common_flags, add_worker_flags, check_stop,
                  check_writable, nothing_fits, positive, raise_for, resolve_device, run_main, stop_handlers,
@@ -37,7 +37,6 @@ from train import (AMP_HELP, AMP_MODES, COMPILE_HELP, COMPILE_MODES, LONG_RECIPE
 
 # Everything a run writes into its folder; --fresh removes exactly these, nothing a person put there.
 RUN_OUTPUTS = ("last.pt", "best.pt", "curves.png", "metrics.json", *TEST_OUTPUTS)
-LIVE = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)  # a model's trial that has it in hand, or done
 
 
 # ----------------------------------------------------------------------------- training and testing one model
@@ -49,7 +48,8 @@ def train_and_test(trial: optuna.Trial, storage, args, splits, ds, device, out_d
     if "model" not in trial.user_attrs:  # workers raced for the last waiting model and this one lost
         raise optuna.TrialPruned("no model was left waiting")
     name, cfg = trial.user_attrs["model"], TrainConfig.from_dict(trial.user_attrs["config"])
-    # Workers started together may each enqueue the same model: the lowest-numbered live trial trains it.
+    # queue_models looks, then enqueues: workers started together may each enqueue the same model, and the
+    # lowest-numbered live trial trains it.
     twin = next((t.number for t in trial.study.get_trials(deepcopy=False, states=LIVE)
                  if t.number < trial.number and t.user_attrs.get("model") == name), None)
     if twin is not None:
@@ -60,7 +60,7 @@ def train_and_test(trial: optuna.Trial, storage, args, splits, ds, device, out_d
                       amp=args.amp, compile=args.compile, stop_check=check_stop, progress=not w.index)
     if os.path.isfile(last) and not args.fresh:  # one this run cannot continue is refused, never overwritten
         trainer.resume(last, again="pass --fresh to start it over (its checkpoints are deleted), or --results "
-                                       "to write elsewhere")
+                                   "to write elsewhere")
     else:  # from scratch: no curves or checkpoints of an older run
         for f in os.listdir(run_dir) if os.path.isdir(run_dir) else ():
             if f in RUN_OUTPUTS or f.startswith("events.out.tfevents"):

@@ -415,7 +415,6 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
-
 class _LateValue:
     """A device scalar divided by n, copied to the host without waiting, ready() once copied: the progress bar
     shows the loss of a few steps ago rather than making a GPU drain its queue for it."""
