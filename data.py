@@ -216,6 +216,8 @@ class DeviceLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool, augment: bool = True,
                  generator: torch.Generator | None = None, host_generator: torch.Generator | None = None, **settings):
+        if batch_size <= 0:  # else the evaluation loader's len() would divide by zero
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
         if train and len(images) < batch_size:
             raise ValueError(f"{len(images)} training images are fewer than one batch of {batch_size}")
         self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train

@@ -143,6 +143,9 @@ def test_loader_drops_partial_train_batch_keeps_all_eval_and_reshuffles():
     batches = list(evaluation)
     assert len(batches) == 4 and torch.equal(torch.cat([y for _, y in batches]), labels)
     assert batches[0][0].dtype == torch.float32 and batches[0][0].shape == (32, 3, 32, 32)
+    for train in (True, False):
+        with pytest.raises(ValueError, match="batch_size must be positive, got 0"):
+            DeviceLoader(images, labels, batch_size=0, train=train)
 
 
 def _flip(path, position):
